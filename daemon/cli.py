@@ -1,0 +1,44 @@
+"""`anvil-compute` entry point: one subcommand per module under daemon.commands."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from daemon import __version__
+from daemon.exceptions import AnvilError
+
+# Each module defines `register(subparsers)`, which adds its subcommand(s) and
+# sets `handler` (args -> exit code) as a parser default.
+COMMAND_MODULES: tuple[str, ...] = ("daemon.commands.migrate",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="anvil-compute",
+        description="Compute node daemon of the Anvil storage fabric.",
+    )
+    parser.add_argument("--version", action="version", version=f"anvil-compute {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; AnvilErrors print one line on stderr and exit 1."""
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.handler(args)
+    except AnvilError as exc:
+        print(f"anvil-compute: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Rendezvous (HRW) hashing."""
