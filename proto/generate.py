@@ -46,7 +46,9 @@ def generate(out: Path) -> list[Path]:
             continue
         text = IMPORT_RE.sub(r"from daemon.pb.anvil import \1", path.read_text())
         path.write_text(text)
-    (target / "__init__.py").write_text('"""Generated protobuf and gRPC stubs (proto/generate.py)."""\n')
+    (target / "__init__.py").write_text(
+        '"""Generated protobuf and gRPC stubs (proto/generate.py)."""\n'
+    )
     (out / "__init__.py").write_text('"""Generated code; see proto/generate.py."""\n')
     return written
 

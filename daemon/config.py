@@ -1,0 +1,156 @@
+"""Settings: built-in defaults < TOML file < environment `ANVIL_*` < CLI flags.
+
+Every key is declared once in `FIELDS`; an unknown key or a bad value anywhere
+is refused with a ConfigError naming the key and where it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from daemon.exceptions import ConfigError
+
+DEFAULT_CONFIG_FILE = Path("/etc/anvil-compute/config.toml")
+ENV_PREFIX = "ANVIL_"
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "anvil-compute"
+
+
+def _path(value: Any) -> Path:
+    if not isinstance(value, (str, Path)) or not str(value):
+        raise ValueError("expected a non-empty path")
+    return Path(value).expanduser()
+
+
+def _optional_str(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    return value
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a non-empty string")
+    return value
+
+
+def _listen(value: Any) -> str:
+    text = _str(value)
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("expected HOST:PORT")
+    return text
+
+
+def _positive_float(value: Any) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError("expected a positive number")
+    return number
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected a positive integer")
+    number = int(value)
+    if number < 1:
+        raise ValueError("expected a positive integer")
+    return number
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Settings:
+    data_dir: Path
+    database_url: str | None
+    listen: str
+    region: str
+    peer_ttl_s: float
+    db_pool_size: int
+
+    @property
+    def embedded_database(self) -> bool:
+        return self.database_url is None
+
+
+# key -> (parser, default factory, help)
+FIELDS: dict[str, tuple[Callable[[Any], Any], Callable[[], Any], str]] = {
+    "data_dir": (_path, _default_data_dir, "state directory (peer id, store, embedded db)"),
+    "database_url": (
+        _optional_str,
+        lambda: None,
+        "PostgreSQL URL; empty = embedded server in the data dir",
+    ),
+    "listen": (_listen, lambda: "127.0.0.1:7070", "gRPC listen address HOST:PORT"),
+    "region": (_str, lambda: "local", "region this peer serves"),
+    "peer_ttl_s": (
+        _positive_float,
+        lambda: 15.0,
+        "seconds without a heartbeat before a peer counts as down",
+    ),
+    "db_pool_size": (_positive_int, lambda: 10, "maximum PostgreSQL connections"),
+}
+assert set(FIELDS) == {f.name for f in dataclasses.fields(Settings)}
+
+
+def _apply(values: dict[str, Any], source: Mapping[str, Any], origin: str) -> None:
+    for key, raw in source.items():
+        if key not in FIELDS:
+            raise ConfigError(f"unknown setting {key!r} in {origin}")
+        parser = FIELDS[key][0]
+        try:
+            values[key] = parser(raw)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"bad value for {key!r} in {origin}: {raw!r} ({exc})") from exc
+
+
+def load(
+    *,
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Resolve the settings; raise ConfigError on an unknown key, a bad value or bad TOML.
+
+    `config_file` None means the default path if it exists; a path given
+    explicitly must exist. Overrides whose value is None are ignored (unset flags).
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {key: spec[1]() for key, spec in FIELDS.items()}
+
+    explicit = config_file is not None or bool(environ.get("ANVIL_CONFIG"))
+    path = config_file or Path(environ.get("ANVIL_CONFIG") or DEFAULT_CONFIG_FILE)
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text("utf-8"))
+        except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        _apply(values, data, str(path))
+    elif explicit:
+        raise ConfigError(f"config file {path} does not exist")
+
+    env_values = {
+        name[len(ENV_PREFIX) :].lower(): value
+        for name, value in environ.items()
+        if name.startswith(ENV_PREFIX) and name not in IGNORED_ENV
+    }
+    _apply(values, env_values, "the environment (ANVIL_*)")
+    _apply(values, {k: v for k, v in (overrides or {}).items() if v is not None}, "flags")
+    return Settings(**values)
+
+
+# ANVIL_* variables that are not settings: the config path itself, and
+# variables read by other parts (client token, test fixtures).
+IGNORED_ENV = frozenset(
+    {"ANVIL_CONFIG", "ANVIL_TOKEN", "ANVIL_TEST_DATABASE_URL", "ANVIL_HRW_VECTORS"}
+)

@@ -1,0 +1,55 @@
+"""The job state machine: QUEUED -> RUNNING -> one terminal state. Pure, no I/O.
+
+The registry enforces the same rules in SQL (compare-and-set updates and CHECK
+constraints); this module is the readable statement of them and what callers
+use to validate a requested transition before touching the database.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class JobState(enum.StrEnum):
+    """Values equal the PostgreSQL enum `job_state`."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES: frozenset[JobState] = frozenset(
+    {JobState.SUCCEEDED, JobState.FAILED, JobState.TIMED_OUT, JobState.CANCELLED}
+)
+
+# RUNNING -> QUEUED is a rescue (lease expired) or a hand-back (drain); both
+# make the next claim a new attempt.
+_ALLOWED: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED, JobState.FAILED}),
+    JobState.RUNNING: frozenset(
+        {
+            JobState.QUEUED,
+            JobState.SUCCEEDED,
+            JobState.FAILED,
+            JobState.TIMED_OUT,
+            JobState.CANCELLED,
+        }
+    ),
+}
+
+# What a peer may write when an attempt ends.
+FINISH_STATES: frozenset[JobState] = frozenset(
+    {JobState.SUCCEEDED, JobState.FAILED, JobState.TIMED_OUT}
+)
+
+
+def can_transition(current: JobState, target: JobState) -> bool:
+    """True when the state machine allows current -> target; terminal states never move."""
+    return target in _ALLOWED.get(current, frozenset())

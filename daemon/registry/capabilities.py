@@ -1,0 +1,87 @@
+"""The capability registry: the seed's compute_capabilities table and its executors."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+from psycopg.types.json import Jsonb
+
+from daemon.exceptions import CapabilityNotFound
+from daemon.registry import queries
+from daemon.registry.driver import Pool, translate_errors
+from daemon.registry.models import Capability, CapabilitySpec, validate_capability
+from daemon.resources import satisfies
+
+
+class CapabilityStore:
+    def __init__(self, pool: Pool, *, peer_ttl: timedelta) -> None:
+        self._pool = pool
+        self._peer_ttl = peer_ttl
+
+    async def register(self, spec: CapabilitySpec) -> Capability:
+        """Upsert (peer, capability) with its executor in one transaction."""
+        params = {
+            "peer_id": spec.peer_id,
+            "region": spec.region,
+            "capability": spec.capability,
+            "resources": Jsonb(dict(spec.resources)),
+            "max_concurrency": spec.max_concurrency,
+            "executor": Jsonb(dict(spec.executor)),
+        }
+        with translate_errors():
+            async with self._pool.connection() as conn, conn.transaction():
+                cur = await conn.execute(queries.get("upsert_capability"), params)
+                row = await cur.fetchone()
+                cur = await conn.execute(queries.get("upsert_capability_executor"), params)
+                executor_row = await cur.fetchone()
+        assert row is not None and executor_row is not None
+        return Capability.from_row({**row, "executor": executor_row["executor"]})
+
+    async def deregister(self, peer_id: uuid.UUID, capability: str) -> None:
+        """Remove one row; raise CapabilityNotFound if it was not registered."""
+        validate_capability(capability)
+        with translate_errors():
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(
+                    queries.get("delete_capability"),
+                    {"peer_id": peer_id, "capability": capability},
+                )
+                if await cur.fetchone() is None:
+                    raise CapabilityNotFound(
+                        f"peer {peer_id} has no capability {capability!r} registered"
+                    )
+
+    async def deregister_peer(self, peer_id: uuid.UUID) -> None:
+        with translate_errors():
+            async with self._pool.connection() as conn:
+                await conn.execute(queries.get("delete_peer_capabilities"), {"peer_id": peer_id})
+
+    async def find(
+        self,
+        *,
+        capability: str | None = None,
+        region: str | None = None,
+        peer_id: uuid.UUID | None = None,
+        resources: Mapping[str, str] | None = None,
+        live_only: bool = False,
+    ) -> list[Capability]:
+        """Registered capabilities matching every filter given, ordered by (capability, peer)."""
+        params: dict[str, Any] = {
+            "capability": capability or None,
+            "region": region or None,
+            "peer_id": peer_id,
+            "ttl": self._peer_ttl,
+        }
+        with translate_errors():
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(queries.get("list_capabilities"), params)
+                rows = await cur.fetchall()
+        found = [Capability.from_row(row) for row in rows]
+        if live_only:
+            found = [c for c in found if c.peer_live]
+        if resources:
+            found = [c for c in found if satisfies(c.resources, resources)]
+        return found

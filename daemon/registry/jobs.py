@@ -1,0 +1,276 @@
+"""The jobs table: submission, claims, leases, results, cancellation, rescue.
+
+Every state change is one compare-and-set UPDATE whose WHERE clause states the
+transition's precondition, so concurrent peers cannot both win: a job is
+claimed once, the first terminal write wins, and a rescue based on an old
+snapshot of a running job can never overwrite a result that committed first.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from psycopg.types.json import Jsonb
+
+from daemon.exceptions import (
+    FailedPrecondition,
+    IdempotencyConflict,
+    InvalidArgument,
+    JobAlreadyFinished,
+    JobNotFound,
+    StaleAttempt,
+)
+from daemon.jobstate import FINISH_STATES, JobState
+from daemon.registry import queries
+from daemon.registry.driver import Pool, translate_errors
+from daemon.registry.models import Job, JobEvent, JobSpec, Outcome, SubmitResult
+
+MAX_INLINE_OUTPUT = 4 * 1024 * 1024
+MIN_LEASE = timedelta(milliseconds=100)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ExpiredLease:
+    job_id: uuid.UUID
+    attempt: int
+    peer_id: uuid.UUID
+    locality_key: str
+    capability: str
+    region: str
+
+
+def _check_lease(lease: timedelta) -> None:
+    if lease < MIN_LEASE:
+        raise InvalidArgument(f"lease must be at least {MIN_LEASE}, got {lease}")
+
+
+class JobStore:
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+
+    async def _one(self, name: str, params: dict[str, Any]) -> dict[str, Any] | None:
+        with translate_errors():
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(queries.get(name), params)
+                return await cur.fetchone()
+
+    async def _all(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        with translate_errors():
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(queries.get(name), params)
+                return await cur.fetchall()
+
+    async def submit(
+        self, spec: JobSpec, *, job_id: uuid.UUID | None = None, peer_id: uuid.UUID | None = None
+    ) -> SubmitResult:
+        """Insert a QUEUED job (placed on peer_id if given) or return the idempotent original.
+
+        Raises IdempotencyConflict when the key was used for a different request.
+        """
+        job_id = job_id or uuid.uuid4()
+        digest = spec.request_sha256()
+        params = {
+            "job_id": job_id,
+            "capability": spec.capability,
+            "region": spec.region,
+            "inputs": list(spec.inputs),
+            "params": Jsonb(dict(spec.params)),
+            "resources": Jsonb(dict(spec.resources)),
+            "locality_key": spec.locality_key or str(job_id),
+            "idempotency_key": spec.idempotency_key,
+            "request_sha256": digest,
+            "timeout_ms": spec.timeout_ms,
+            "max_attempts": spec.max_attempts,
+            "submitted_by": spec.submitted_by,
+            "peer_id": peer_id,
+        }
+        # Two rounds at most: the conflicting row can only vanish if it is
+        # deleted between our insert and our read, and then the insert wins.
+        for _ in range(2):
+            row = await self._one("insert_job", params)
+            if row is not None:
+                return SubmitResult(job=Job.from_row(row), existing=False)
+            row = await self._one(
+                "get_job_by_idempotency_key", {"idempotency_key": spec.idempotency_key}
+            )
+            if row is not None:
+                if row["request_sha256"] != digest:
+                    raise IdempotencyConflict(
+                        f"idempotency key {spec.idempotency_key!r} was already used by job "
+                        f"{row['job_id']} for a different request"
+                    )
+                return SubmitResult(job=Job.from_row(row), existing=True)
+        raise IdempotencyConflict(f"idempotency key {spec.idempotency_key!r} is contended")
+
+    async def get(self, job_id: uuid.UUID) -> Job:
+        row = await self._one("get_job", {"job_id": job_id})
+        if row is None:
+            raise JobNotFound(f"job {job_id} not found")
+        return Job.from_row(row)
+
+    async def assign(self, job_id: uuid.UUID, peer_id: uuid.UUID | None) -> Job:
+        """Place a queued job on a peer; raise JobAlreadyFinished/FailedPrecondition otherwise."""
+        row = await self._one("assign_job", {"job_id": job_id, "peer_id": peer_id})
+        if row is None:
+            job = await self.get(job_id)
+            raise self._precondition(job, "assign")
+        return Job.from_row(row)
+
+    async def claim(self, job_id: uuid.UUID, peer_id: uuid.UUID, *, lease: timedelta) -> Job | None:
+        """QUEUED -> RUNNING for the named job if it is queued on this peer; else None."""
+        _check_lease(lease)
+        row = await self._one("claim_job", {"job_id": job_id, "peer_id": peer_id, "lease": lease})
+        return Job.from_row(row) if row is not None else None
+
+    async def claim_next(
+        self,
+        peer_id: uuid.UUID,
+        *,
+        lease: timedelta,
+        limit: int = 1,
+        capabilities: list[str] | None = None,
+    ) -> list[Job]:
+        """Claim up to `limit` of this peer's queued jobs, oldest first."""
+        _check_lease(lease)
+        if limit < 1:
+            raise InvalidArgument(f"limit must be positive, got {limit}")
+        rows = await self._all(
+            "claim_next",
+            {"peer_id": peer_id, "lease": lease, "limit": limit, "capabilities": capabilities},
+        )
+        jobs = [Job.from_row(row) for row in rows]
+        jobs.sort(key=lambda j: (j.submitted_at, j.job_id))
+        return jobs
+
+    async def renew_leases(
+        self, peer_id: uuid.UUID, owned: list[tuple[uuid.UUID, int]], *, lease: timedelta
+    ) -> set[uuid.UUID]:
+        """Extend the leases still owned; return their job ids (the rest were lost)."""
+        _check_lease(lease)
+        if not owned:
+            return set()
+        rows = await self._all(
+            "renew_leases",
+            {
+                "peer_id": peer_id,
+                "lease": lease,
+                "job_ids": [job_id for job_id, _ in owned],
+                "attempts": [attempt for _, attempt in owned],
+            },
+        )
+        return {row["job_id"] for row in rows}
+
+    async def finish(
+        self, job_id: uuid.UUID, *, peer_id: uuid.UUID, attempt: int, outcome: Outcome
+    ) -> Job:
+        """Write the attempt's terminal state. The first terminal write wins.
+
+        Raises JobAlreadyFinished if the job already ended, StaleAttempt if this
+        attempt no longer owns it (rescued and re-queued or re-run), JobNotFound.
+        """
+        if outcome.state not in FINISH_STATES:
+            raise InvalidArgument(
+                f"an attempt ends in one of {sorted(FINISH_STATES)}, not {outcome.state}"
+            )
+        if outcome.output is not None and len(outcome.output) > MAX_INLINE_OUTPUT:
+            raise InvalidArgument(
+                f"inline output is limited to {MAX_INLINE_OUTPUT} bytes; store it as an object"
+            )
+        row = await self._one(
+            "finish_job",
+            {
+                "job_id": job_id,
+                "peer_id": peer_id,
+                "attempt": attempt,
+                "state": outcome.state.value,
+                "output": outcome.output,
+                "output_refs": list(outcome.output_refs),
+                "error": outcome.error,
+                "exit_code": outcome.exit_code,
+                "bytes_fetched_remote": outcome.bytes_fetched_remote,
+            },
+        )
+        if row is None:
+            job = await self.get(job_id)
+            raise self._precondition(job, "finish", peer_id=peer_id, attempt=attempt)
+        return Job.from_row(row)
+
+    async def release(
+        self,
+        job_id: uuid.UUID,
+        *,
+        peer_id: uuid.UUID,
+        attempt: int,
+        next_peer_id: uuid.UUID | None,
+        error: str,
+    ) -> Job:
+        """Hand a running attempt back: QUEUED on next_peer_id, or FAILED when out of attempts."""
+        row = await self._one(
+            "release_job",
+            {
+                "job_id": job_id,
+                "peer_id": peer_id,
+                "attempt": attempt,
+                "next_peer_id": next_peer_id,
+                "error": error,
+            },
+        )
+        if row is None:
+            job = await self.get(job_id)
+            raise self._precondition(job, "release", peer_id=peer_id, attempt=attempt)
+        return Job.from_row(row)
+
+    async def find_expired(self, *, limit: int = 100) -> list[ExpiredLease]:
+        """Running jobs whose lease is in the past (a snapshot: rescue re-checks it)."""
+        rows = await self._all("find_expired_leases", {"limit": limit})
+        return [ExpiredLease(**row) for row in rows]
+
+    async def rescue(
+        self, job_id: uuid.UUID, *, attempt: int, next_peer_id: uuid.UUID | None, error: str
+    ) -> Job | None:
+        """Re-queue (or fail, when out of attempts) a job whose lease expired.
+
+        Compare-and-set on (running, attempt, lease in the past); returns None when
+        the job moved on since the snapshot (finished, renewed, already rescued).
+        """
+        row = await self._one(
+            "rescue_job",
+            {"job_id": job_id, "attempt": attempt, "next_peer_id": next_peer_id, "error": error},
+        )
+        return Job.from_row(row) if row is not None else None
+
+    async def cancel(self, job_id: uuid.UUID, *, reason: str = "cancelled") -> Job:
+        """QUEUED or RUNNING -> CANCELLED; raise JobAlreadyFinished if terminal, JobNotFound."""
+        row = await self._one("cancel_job", {"job_id": job_id, "reason": reason})
+        if row is None:
+            job = await self.get(job_id)
+            raise JobAlreadyFinished(f"job {job_id} already ended: {job.state}")
+        return Job.from_row(row)
+
+    async def list_unplaced(self, *, limit: int = 100) -> list[Job]:
+        rows = await self._all("list_queued_unplaced", {"limit": limit})
+        return [Job.from_row(row) for row in rows]
+
+    async def events(self, job_id: uuid.UUID) -> list[JobEvent]:
+        rows = await self._all("job_events", {"job_id": job_id})
+        return [JobEvent.from_row(row) for row in rows]
+
+    @staticmethod
+    def _precondition(
+        job: Job, action: str, *, peer_id: uuid.UUID | None = None, attempt: int | None = None
+    ) -> Exception:
+        if job.state.terminal:
+            return JobAlreadyFinished(f"cannot {action} job {job.job_id}: already {job.state}")
+        if (
+            attempt is not None
+            and job.state is JobState.RUNNING
+            and (job.peer_id != peer_id or job.attempt != attempt)
+        ):
+            return StaleAttempt(
+                f"cannot {action} job {job.job_id}: attempt {attempt} on peer {peer_id} no longer "
+                f"owns it (attempt {job.attempt} on peer {job.peer_id} does)"
+            )
+        return FailedPrecondition(f"cannot {action} job {job.job_id} in state {job.state}")

@@ -1,0 +1,191 @@
+-- Named queries used by daemon/registry. Each starts with a `-- name:` line.
+-- Parameters are psycopg named placeholders.
+
+-- name: upsert_capability
+INSERT INTO compute_capabilities (peer_id, region, capability, resources, max_concurrency)
+VALUES (%(peer_id)s, %(region)s, %(capability)s, %(resources)s, %(max_concurrency)s)
+ON CONFLICT (peer_id, capability) DO UPDATE
+    SET region = EXCLUDED.region,
+        resources = EXCLUDED.resources,
+        max_concurrency = EXCLUDED.max_concurrency
+RETURNING *;
+
+-- name: upsert_capability_executor
+INSERT INTO capability_executors (peer_id, capability, executor)
+VALUES (%(peer_id)s, %(capability)s, %(executor)s)
+ON CONFLICT (peer_id, capability) DO UPDATE
+    SET executor = EXCLUDED.executor, registered_at = now()
+RETURNING executor;
+
+-- name: delete_capability
+DELETE FROM compute_capabilities
+WHERE peer_id = %(peer_id)s AND capability = %(capability)s
+RETURNING peer_id;
+
+-- name: delete_peer_capabilities
+DELETE FROM compute_capabilities WHERE peer_id = %(peer_id)s;
+
+-- name: list_capabilities
+SELECT c.peer_id, c.region, c.capability, c.resources, c.max_concurrency,
+       e.executor, p.address,
+       (p.state = 'up' AND p.heartbeat_at > clock_timestamp() - %(ttl)s) AS peer_live
+FROM compute_capabilities c
+LEFT JOIN capability_executors e USING (peer_id, capability)
+LEFT JOIN peers p USING (peer_id)
+WHERE (%(capability)s::text IS NULL OR c.capability = %(capability)s)
+  AND (%(region)s::text IS NULL OR c.region = %(region)s)
+  AND (%(peer_id)s::uuid IS NULL OR c.peer_id = %(peer_id)s)
+ORDER BY c.capability, c.peer_id;
+
+-- name: upsert_peer
+INSERT INTO peers (peer_id, address, region, state, version, started_at, heartbeat_at)
+VALUES (%(peer_id)s, %(address)s, %(region)s, 'up', %(version)s, now(), now())
+ON CONFLICT (peer_id) DO UPDATE
+    SET address = EXCLUDED.address, region = EXCLUDED.region, state = 'up',
+        version = EXCLUDED.version, started_at = now(), heartbeat_at = now()
+RETURNING *, true AS live;
+
+-- name: heartbeat_peer
+UPDATE peers SET heartbeat_at = now()
+WHERE peer_id = %(peer_id)s AND state <> 'down'
+RETURNING peer_id;
+
+-- name: set_peer_state
+UPDATE peers SET state = %(state)s WHERE peer_id = %(peer_id)s RETURNING *;
+
+-- name: list_peers
+SELECT *, (state = 'up' AND heartbeat_at > clock_timestamp() - %(ttl)s) AS live
+FROM peers
+WHERE (%(region)s::text IS NULL OR region = %(region)s)
+ORDER BY peer_id;
+
+-- name: get_peer
+SELECT *, (state = 'up' AND heartbeat_at > clock_timestamp() - %(ttl)s) AS live
+FROM peers WHERE peer_id = %(peer_id)s;
+
+-- name: running_load
+SELECT peer_id, count(*) AS running
+FROM jobs
+WHERE state = 'running' AND peer_id = ANY(%(peer_ids)s)
+GROUP BY peer_id;
+
+-- name: insert_job
+INSERT INTO jobs (job_id, capability, region, inputs, params, resources, locality_key,
+                  idempotency_key, request_sha256, timeout_ms, max_attempts, submitted_by,
+                  peer_id)
+VALUES (%(job_id)s, %(capability)s, %(region)s, %(inputs)s, %(params)s, %(resources)s,
+        %(locality_key)s, %(idempotency_key)s, %(request_sha256)s, %(timeout_ms)s,
+        %(max_attempts)s, %(submitted_by)s, %(peer_id)s)
+ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+RETURNING *;
+
+-- name: get_job_by_idempotency_key
+SELECT * FROM jobs WHERE idempotency_key = %(idempotency_key)s;
+
+-- name: get_job
+SELECT * FROM jobs WHERE job_id = %(job_id)s;
+
+-- name: assign_job
+-- Place (or re-place) a queued job; only a queued job can move.
+UPDATE jobs SET peer_id = %(peer_id)s, updated_at = clock_timestamp()
+WHERE job_id = %(job_id)s AND state = 'queued'
+RETURNING *;
+
+-- name: claim_job
+-- The dispatch fast path: the chosen peer claims one named job.
+UPDATE jobs
+SET state = 'running', attempt = attempt + 1, error = '',
+    lease_expires_at = clock_timestamp() + %(lease)s,
+    started_at = clock_timestamp(), updated_at = clock_timestamp()
+WHERE job_id = %(job_id)s AND state = 'queued' AND peer_id = %(peer_id)s
+  AND attempt < max_attempts
+RETURNING *;
+
+-- name: claim_next
+-- The polling backstop: the oldest queued jobs placed on this peer. SKIP LOCKED
+-- lets concurrent claimers pass each other; FOR UPDATE re-checks the row's
+-- current state after a concurrent commit, so a job is claimed once. The CTE
+-- is MATERIALIZED so the locking subquery runs exactly once: as a joined
+-- subquery the planner may re-run it per row and claim more than the limit.
+WITH next AS MATERIALIZED (
+    SELECT job_id FROM jobs
+    WHERE state = 'queued' AND peer_id = %(peer_id)s AND attempt < max_attempts
+      AND (%(capabilities)s::text[] IS NULL OR capability = ANY(%(capabilities)s))
+    ORDER BY submitted_at, job_id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE jobs
+SET state = 'running', attempt = jobs.attempt + 1, error = '',
+    lease_expires_at = clock_timestamp() + %(lease)s,
+    started_at = clock_timestamp(), updated_at = clock_timestamp()
+FROM next
+WHERE jobs.job_id = next.job_id AND jobs.state = 'queued'
+RETURNING jobs.*;
+
+-- name: renew_leases
+-- Extends the leases this peer still owns; a job missing from the result was
+-- rescued, cancelled or finished elsewhere, and its guest must be stopped.
+UPDATE jobs SET lease_expires_at = clock_timestamp() + %(lease)s
+FROM unnest(%(job_ids)s::uuid[], %(attempts)s::int[]) AS owned(job_id, attempt)
+WHERE jobs.job_id = owned.job_id AND jobs.attempt = owned.attempt
+  AND jobs.state = 'running' AND jobs.peer_id = %(peer_id)s
+RETURNING jobs.job_id;
+
+-- name: finish_job
+-- First terminal write wins: only the attempt that owns the job may end it.
+UPDATE jobs
+SET state = %(state)s, output = %(output)s, output_refs = %(output_refs)s,
+    error = %(error)s, exit_code = %(exit_code)s,
+    bytes_fetched_remote = bytes_fetched_remote + %(bytes_fetched_remote)s,
+    lease_expires_at = NULL, finished_at = clock_timestamp(), updated_at = clock_timestamp()
+WHERE job_id = %(job_id)s AND state = 'running' AND attempt = %(attempt)s
+  AND peer_id = %(peer_id)s
+RETURNING *;
+
+-- name: release_job
+-- Hand a running attempt back (drain, transient failure): queued again for
+-- next_peer_id, or failed for good once its attempts are used up.
+UPDATE jobs
+SET state = CASE WHEN attempt >= max_attempts THEN 'failed'::job_state ELSE 'queued' END,
+    peer_id = CASE WHEN attempt >= max_attempts THEN peer_id ELSE %(next_peer_id)s END,
+    finished_at = CASE WHEN attempt >= max_attempts THEN clock_timestamp() END,
+    error = %(error)s, lease_expires_at = NULL, updated_at = clock_timestamp()
+WHERE job_id = %(job_id)s AND state = 'running' AND attempt = %(attempt)s
+  AND peer_id = %(peer_id)s
+RETURNING *;
+
+-- name: find_expired_leases
+SELECT job_id, attempt, peer_id, locality_key, capability, region
+FROM jobs
+WHERE state = 'running' AND lease_expires_at < clock_timestamp()
+ORDER BY lease_expires_at
+LIMIT %(limit)s;
+
+-- name: rescue_job
+-- Compare-and-set on (running, same attempt, lease in the past): a completion
+-- or renewal that commits first makes this a no-op, never an overwrite.
+UPDATE jobs
+SET state = CASE WHEN attempt >= max_attempts THEN 'failed'::job_state ELSE 'queued' END,
+    peer_id = CASE WHEN attempt >= max_attempts THEN peer_id ELSE %(next_peer_id)s END,
+    finished_at = CASE WHEN attempt >= max_attempts THEN clock_timestamp() END,
+    error = %(error)s, lease_expires_at = NULL, updated_at = clock_timestamp()
+WHERE job_id = %(job_id)s AND state = 'running' AND attempt = %(attempt)s
+  AND lease_expires_at < clock_timestamp()
+RETURNING *;
+
+-- name: cancel_job
+UPDATE jobs
+SET state = 'cancelled', error = %(reason)s, lease_expires_at = NULL,
+    finished_at = clock_timestamp(), updated_at = clock_timestamp()
+WHERE job_id = %(job_id)s AND state IN ('queued', 'running')
+RETURNING *;
+
+-- name: list_queued_unplaced
+SELECT * FROM jobs
+WHERE state = 'queued' AND peer_id IS NULL
+ORDER BY submitted_at, job_id
+LIMIT %(limit)s;
+
+-- name: job_events
+SELECT * FROM job_events WHERE job_id = %(job_id)s ORDER BY event_id;

@@ -1,0 +1,326 @@
+"""The job state machine on a real PostgreSQL, under concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from datetime import timedelta
+
+import pytest
+
+from daemon.exceptions import (
+    FailedPrecondition,
+    IdempotencyConflict,
+    InvalidArgument,
+    JobAlreadyFinished,
+    JobNotFound,
+    StaleAttempt,
+)
+from daemon.jobstate import JobState
+from daemon.registry import Registry
+from daemon.registry.driver import translate_errors
+from daemon.registry.models import Job, JobSpec, Outcome
+
+LEASE = timedelta(seconds=30)
+SHORT_LEASE = timedelta(milliseconds=100)
+
+
+def spec(**overrides: object) -> JobSpec:
+    fields: dict[str, object] = {
+        "capability": "text:wordcount",
+        "region": "local",
+        "timeout_ms": 10_000,
+    }
+    fields.update(overrides)
+    return JobSpec(**fields)  # type: ignore[arg-type]
+
+
+async def submit_many(registry: Registry, n: int, peer: uuid.UUID) -> list[Job]:
+    sem = asyncio.Semaphore(10)
+
+    async def one(i: int) -> Job:
+        async with sem:
+            result = await registry.jobs.submit(spec(params={"i": str(i)}), peer_id=peer)
+            return result.job
+
+    return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+async def expire_leases(registry: Registry) -> None:
+    async with registry.pool.connection() as conn:
+        await conn.execute(
+            "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE state = 'running'"
+        )
+
+
+@pytest.mark.slow
+async def test_eight_claimers_claim_each_of_2000_jobs_exactly_once(registry: Registry) -> None:
+    peer = uuid.uuid4()
+    submitted = await submit_many(registry, 2000, peer)
+    claims: list[tuple[int, Job]] = []
+
+    async def claimer(worker: int) -> None:
+        while True:
+            got = await registry.jobs.claim_next(peer, lease=LEASE, limit=7)
+            if not got:
+                return
+            assert len(got) <= 7
+            claims.extend((worker, job) for job in got)
+
+    await asyncio.gather(*(claimer(w) for w in range(8)))
+    counts = Counter(job.job_id for _, job in claims)
+    assert len(counts) == 2000
+    assert set(counts.values()) == {1}
+    assert set(counts) == {job.job_id for job in submitted}
+    assert all(job.state is JobState.RUNNING and job.attempt == 1 for _, job in claims)
+    assert len({w for w, _ in claims}) > 1, "the claimers should have shared the work"
+    async with registry.pool.connection() as conn:
+        cur = await conn.execute("SELECT state, count(*) FROM jobs GROUP BY state")
+        assert await cur.fetchall() == [{"state": "running", "count": 2000}]
+
+
+async def test_claim_next_takes_oldest_first_and_only_this_peers_jobs(registry: Registry) -> None:
+    me, other = uuid.uuid4(), uuid.uuid4()
+    mine = [(await registry.jobs.submit(spec(), peer_id=me)).job for _ in range(5)]
+    await registry.jobs.submit(spec(), peer_id=other)
+    got = await registry.jobs.claim_next(me, lease=LEASE, limit=3)
+    assert [j.job_id for j in got] == [j.job_id for j in mine[:3]]
+    assert await registry.jobs.claim_next(me, lease=LEASE, limit=10) == [
+        await registry.jobs.get(j.job_id) for j in mine[3:]
+    ]
+    assert await registry.jobs.claim_next(me, lease=LEASE) == []
+
+
+async def test_fifty_concurrent_submits_with_one_key_make_one_job(registry: Registry) -> None:
+    peer = uuid.uuid4()
+    same = spec(idempotency_key="order-42", inputs=("anvil://b/k",))
+    results = await asyncio.gather(*(registry.jobs.submit(same, peer_id=peer) for _ in range(50)))
+    ids = {r.job.job_id for r in results}
+    assert len(ids) == 1
+    assert sum(not r.existing for r in results) == 1
+    async with registry.pool.connection() as conn:
+        cur = await conn.execute("SELECT count(*) AS n FROM jobs")
+        assert await cur.fetchone() == {"n": 1}
+
+
+async def test_reusing_a_key_for_another_request_is_refused(registry: Registry) -> None:
+    await registry.jobs.submit(spec(idempotency_key="k1", params={"a": "1"}))
+    with pytest.raises(IdempotencyConflict, match="different request"):
+        await registry.jobs.submit(spec(idempotency_key="k1", params={"a": "2"}))
+
+
+async def test_first_terminal_write_wins(registry: Registry) -> None:
+    peer = uuid.uuid4()
+    job = (await registry.jobs.submit(spec(), peer_id=peer)).job
+    claimed = await registry.jobs.claim(job.job_id, peer, lease=LEASE)
+    assert claimed is not None
+    outcomes = [
+        Outcome(state=JobState.SUCCEEDED, output=b"first"),
+        Outcome(state=JobState.FAILED, error="second"),
+    ]
+    results = await asyncio.gather(
+        *(registry.jobs.finish(job.job_id, peer_id=peer, attempt=1, outcome=o) for o in outcomes),
+        return_exceptions=True,
+    )
+    winners = [r for r in results if isinstance(r, Job)]
+    losers = [r for r in results if isinstance(r, BaseException)]
+    assert len(winners) == 1 and len(losers) == 1
+    assert isinstance(losers[0], JobAlreadyFinished)
+    final = await registry.jobs.get(job.job_id)
+    assert final.state is winners[0].state and final.output == winners[0].output
+
+
+async def test_completion_before_rescue_is_never_overwritten(registry: Registry) -> None:
+    """River #1302: a rescue built from a stale snapshot must not undo a completion."""
+    peer, next_peer = uuid.uuid4(), uuid.uuid4()
+    job = (await registry.jobs.submit(spec(), peer_id=peer)).job
+    await registry.jobs.claim(job.job_id, peer, lease=LEASE)
+    await expire_leases(registry)
+    (stale,) = await registry.jobs.find_expired()
+    assert stale.job_id == job.job_id and stale.attempt == 1
+    done = await registry.jobs.finish(
+        job.job_id, peer_id=peer, attempt=1, outcome=Outcome(state=JobState.SUCCEEDED)
+    )
+    assert done.state is JobState.SUCCEEDED
+    rescued = await registry.jobs.rescue(
+        stale.job_id, attempt=stale.attempt, next_peer_id=next_peer, error="lease expired"
+    )
+    assert rescued is None
+    final = await registry.jobs.get(job.job_id)
+    assert final.state is JobState.SUCCEEDED and final.peer_id == peer and final.attempt == 1
+
+
+async def test_rescued_job_runs_again_and_the_late_result_is_refused(registry: Registry) -> None:
+    old_peer, new_peer = uuid.uuid4(), uuid.uuid4()
+    job = (await registry.jobs.submit(spec(), peer_id=old_peer)).job
+    await registry.jobs.claim(job.job_id, old_peer, lease=LEASE)
+    await expire_leases(registry)
+    (stale,) = await registry.jobs.find_expired()
+    rescued = await registry.jobs.rescue(
+        stale.job_id, attempt=1, next_peer_id=new_peer, error="lease expired"
+    )
+    assert rescued is not None
+    assert rescued.state is JobState.QUEUED and rescued.peer_id == new_peer
+    # The old peer cannot renew or claim any more.
+    assert await registry.jobs.renew_leases(old_peer, [(job.job_id, 1)], lease=LEASE) == set()
+    assert await registry.jobs.claim(job.job_id, old_peer, lease=LEASE) is None
+    second = await registry.jobs.claim(job.job_id, new_peer, lease=LEASE)
+    assert second is not None and second.attempt == 2
+    with pytest.raises(StaleAttempt, match="no longer owns it"):
+        await registry.jobs.finish(
+            job.job_id, peer_id=old_peer, attempt=1, outcome=Outcome(state=JobState.SUCCEEDED)
+        )
+    done = await registry.jobs.finish(
+        job.job_id, peer_id=new_peer, attempt=2, outcome=Outcome(state=JobState.SUCCEEDED)
+    )
+    assert done.attempt == 2 and done.peer_id == new_peer
+    events = [(e.from_state, e.to_state, e.attempt) for e in await registry.jobs.events(job.job_id)]
+    assert events == [
+        (None, JobState.QUEUED, 0),
+        (JobState.QUEUED, JobState.RUNNING, 1),
+        (JobState.RUNNING, JobState.QUEUED, 1),
+        (JobState.QUEUED, JobState.RUNNING, 2),
+        (JobState.RUNNING, JobState.SUCCEEDED, 2),
+    ]
+
+
+@pytest.mark.slow
+async def test_rescues_racing_completions_never_lose_or_double_a_result(
+    registry: Registry,
+) -> None:
+    peer, next_peer = uuid.uuid4(), uuid.uuid4()
+    jobs = await submit_many(registry, 200, peer)
+    claimed = await registry.jobs.claim_next(peer, lease=LEASE, limit=200)
+    assert len(claimed) == 200
+    await expire_leases(registry)
+    snapshot = await registry.jobs.find_expired(limit=1000)
+    assert len(snapshot) == 200
+
+    async def complete(job: Job) -> bool:
+        try:
+            await registry.jobs.finish(
+                job.job_id, peer_id=peer, attempt=1, outcome=Outcome(state=JobState.SUCCEEDED)
+            )
+        except StaleAttempt:
+            return False
+        return True
+
+    async def rescue(job_id: uuid.UUID) -> bool:
+        row = await registry.jobs.rescue(job_id, attempt=1, next_peer_id=next_peer, error="x")
+        return row is not None
+
+    tasks = [complete(j) for j in claimed] + [rescue(s.job_id) for s in snapshot]
+    results = await asyncio.gather(*tasks)
+    completed = dict(zip((j.job_id for j in claimed), results[:200], strict=True))
+    rescued = dict(zip((s.job_id for s in snapshot), results[200:], strict=True))
+    for job in jobs:
+        # Exactly one side of each race wins.
+        assert completed[job.job_id] != rescued[job.job_id]
+        final = await registry.jobs.get(job.job_id)
+        expected = JobState.SUCCEEDED if completed[job.job_id] else JobState.QUEUED
+        assert final.state is expected
+    async with registry.pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT count(*) AS n FROM job_events "
+            "WHERE from_state = 'succeeded' OR (from_state IS NOT NULL AND from_state = to_state)"
+        )
+        assert await cur.fetchone() == {"n": 0}
+
+
+async def test_rescue_after_last_attempt_fails_the_job(registry: Registry) -> None:
+    peer = uuid.uuid4()
+    job = (await registry.jobs.submit(spec(max_attempts=1), peer_id=peer)).job
+    await registry.jobs.claim(job.job_id, peer, lease=LEASE)
+    await expire_leases(registry)
+    rescued = await registry.jobs.rescue(
+        job.job_id, attempt=1, next_peer_id=uuid.uuid4(), error="lease expired"
+    )
+    assert rescued is not None
+    assert rescued.state is JobState.FAILED and rescued.error == "lease expired"
+    assert rescued.finished_at is not None
+
+
+async def test_short_lease_expires_and_renewal_keeps_it(registry: Registry) -> None:
+    peer = uuid.uuid4()
+    a = (await registry.jobs.submit(spec(), peer_id=peer)).job
+    b = (await registry.jobs.submit(spec(), peer_id=peer)).job
+    await registry.jobs.claim_next(peer, lease=SHORT_LEASE, limit=2)
+    kept = await registry.jobs.renew_leases(peer, [(a.job_id, 1)], lease=LEASE)
+    assert kept == {a.job_id}
+    await asyncio.sleep(0.3)
+    assert [e.job_id for e in await registry.jobs.find_expired()] == [b.job_id]
+
+
+async def test_cancel_queued_and_running_and_refuse_terminal(registry: Registry) -> None:
+    peer = uuid.uuid4()
+    queued = (await registry.jobs.submit(spec(), peer_id=peer)).job
+    running = (await registry.jobs.submit(spec(), peer_id=peer)).job
+    await registry.jobs.claim(running.job_id, peer, lease=LEASE)
+    assert (await registry.jobs.cancel(queued.job_id)).state is JobState.CANCELLED
+    assert await registry.jobs.claim(queued.job_id, peer, lease=LEASE) is None
+    cancelled = await registry.jobs.cancel(running.job_id, reason="user asked")
+    assert cancelled.state is JobState.CANCELLED and cancelled.error == "user asked"
+    assert await registry.jobs.renew_leases(peer, [(running.job_id, 1)], lease=LEASE) == set()
+    with pytest.raises(JobAlreadyFinished):
+        await registry.jobs.finish(
+            running.job_id, peer_id=peer, attempt=1, outcome=Outcome(state=JobState.SUCCEEDED)
+        )
+    with pytest.raises(JobAlreadyFinished):
+        await registry.jobs.cancel(running.job_id)
+
+
+async def test_release_requeues_for_another_peer(registry: Registry) -> None:
+    peer, other = uuid.uuid4(), uuid.uuid4()
+    job = (await registry.jobs.submit(spec(), peer_id=peer)).job
+    await registry.jobs.claim(job.job_id, peer, lease=LEASE)
+    released = await registry.jobs.release(
+        job.job_id, peer_id=peer, attempt=1, next_peer_id=other, error="draining"
+    )
+    assert released.state is JobState.QUEUED and released.peer_id == other
+    again = await registry.jobs.claim(job.job_id, other, lease=LEASE)
+    assert again is not None and again.attempt == 2
+
+
+async def test_unknown_job_and_bad_input_raise_typed_errors(registry: Registry) -> None:
+    missing = uuid.uuid4()
+    with pytest.raises(JobNotFound):
+        await registry.jobs.get(missing)
+    with pytest.raises(JobNotFound):
+        await registry.jobs.cancel(missing)
+    with pytest.raises(JobNotFound):
+        await registry.jobs.finish(
+            missing, peer_id=uuid.uuid4(), attempt=1, outcome=Outcome(state=JobState.SUCCEEDED)
+        )
+    with pytest.raises(InvalidArgument, match="capability must not be empty"):
+        spec(capability="")
+    with pytest.raises(InvalidArgument, match="timeout_ms"):
+        spec(timeout_ms=0)
+    with pytest.raises(InvalidArgument, match="max_attempts"):
+        spec(max_attempts=0)
+    peer = uuid.uuid4()
+    job = (await registry.jobs.submit(spec(), peer_id=peer)).job
+    await registry.jobs.claim(job.job_id, peer, lease=LEASE)
+    with pytest.raises(InvalidArgument, match="an attempt ends in one of"):
+        await registry.jobs.finish(
+            job.job_id, peer_id=peer, attempt=1, outcome=Outcome(state=JobState.QUEUED)
+        )
+    with pytest.raises(InvalidArgument, match="lease"):
+        await registry.jobs.claim_next(peer, lease=timedelta(0))
+    with pytest.raises(FailedPrecondition):
+        await registry.jobs.assign(job.job_id, uuid.uuid4())
+
+
+async def test_database_constraints_back_the_state_machine(registry: Registry) -> None:
+    """Even a hand-written UPDATE cannot produce an impossible row."""
+    job = (await registry.jobs.submit(spec(), peer_id=uuid.uuid4())).job
+
+    async def force_running() -> None:
+        with translate_errors():
+            async with registry.pool.connection() as conn:
+                await conn.execute(
+                    "UPDATE jobs SET state = 'running' WHERE job_id = %s", (job.job_id,)
+                )
+
+    with pytest.raises(InvalidArgument, match="check constraint"):
+        await force_running()

@@ -1,0 +1,44 @@
+from pathlib import Path
+
+import pytest
+
+from daemon import config
+from daemon.exceptions import ConfigError
+
+
+def test_defaults_then_file_then_env_then_flags(tmp_path: Path) -> None:
+    file = tmp_path / "config.toml"
+    file.write_text('region = "eu-1"\nlisten = "0.0.0.0:9000"\ndb_pool_size = 4\n')
+    env = {"ANVIL_LISTEN": "127.0.0.1:9001", "ANVIL_TOKEN": "not-a-setting"}
+    settings = config.load(config_file=file, environ=env, overrides={"db_pool_size": 7})
+    assert settings.region == "eu-1"
+    assert settings.listen == "127.0.0.1:9001"
+    assert settings.db_pool_size == 7
+    assert settings.database_url is None and settings.embedded_database
+
+
+def test_unknown_key_is_named(tmp_path: Path) -> None:
+    file = tmp_path / "config.toml"
+    file.write_text("regoin = 'eu-1'\n")
+    with pytest.raises(ConfigError, match="unknown setting 'regoin'"):
+        config.load(config_file=file, environ={})
+    with pytest.raises(ConfigError, match=r"unknown setting .bogus. in the environment"):
+        config.load(environ={"ANVIL_BOGUS": "1"})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("listen", "nowhere"), ("peer_ttl_s", "-1"), ("db_pool_size", "0"), ("region", "")],
+)
+def test_bad_values_are_named(key: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=f"bad value for '{key}'"):
+        config.load(environ={f"ANVIL_{key.upper()}": value})
+
+
+def test_broken_or_missing_explicit_file(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.toml"
+    broken.write_text("region = \n")
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        config.load(config_file=broken, environ={})
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(config_file=tmp_path / "missing.toml", environ={})

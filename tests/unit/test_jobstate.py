@@ -1,0 +1,26 @@
+from daemon.jobstate import FINISH_STATES, TERMINAL_STATES, JobState, can_transition
+
+
+def test_terminal_states_never_move() -> None:
+    for state in TERMINAL_STATES:
+        assert state.terminal
+        assert not any(can_transition(state, target) for target in JobState)
+
+
+def test_the_only_paths_out_of_queued_and_running() -> None:
+    allowed = {(a, b) for a in JobState for b in JobState if can_transition(a, b)}
+    assert allowed == {
+        (JobState.QUEUED, JobState.RUNNING),
+        (JobState.QUEUED, JobState.CANCELLED),
+        (JobState.QUEUED, JobState.FAILED),
+        (JobState.RUNNING, JobState.QUEUED),
+        (JobState.RUNNING, JobState.SUCCEEDED),
+        (JobState.RUNNING, JobState.FAILED),
+        (JobState.RUNNING, JobState.TIMED_OUT),
+        (JobState.RUNNING, JobState.CANCELLED),
+    }
+
+
+def test_a_peer_finishes_only_into_outcomes_it_can_observe() -> None:
+    assert {JobState.SUCCEEDED, JobState.FAILED, JobState.TIMED_OUT} == FINISH_STATES
+    assert all(can_transition(JobState.RUNNING, s) for s in FINISH_STATES)
