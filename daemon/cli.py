@@ -12,7 +12,12 @@ from daemon.exceptions import AnvilError
 
 # Each module defines `register(subparsers)`, which adds its subcommand(s) and
 # sets `handler` (args -> exit code) as a parser default.
-COMMAND_MODULES: tuple[str, ...] = ("daemon.commands.migrate",)
+COMMAND_MODULES: tuple[str, ...] = (
+    "daemon.commands.serve",
+    "daemon.commands.jobs",
+    "daemon.commands.objects",
+    "daemon.commands.migrate",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from daemon.capability_config import LocalCapability, example_capabilities, parse_capabilities
 from daemon.exceptions import ConfigError
 
 DEFAULT_CONFIG_FILE = Path("/etc/anvil-compute/config.toml")
@@ -53,6 +54,23 @@ def _listen(value: Any) -> str:
     return text
 
 
+def _optional_path(value: Any) -> Path | None:
+    return None if value in (None, "") else _path(value)
+
+
+def _auth(value: Any) -> bool:
+    # Off only when spelled out: a typo must not silently disable auth.
+    if value in ("on", True):
+        return True
+    if value in ("off", False):
+        return False
+    raise ValueError("expected 'on' or 'off'")
+
+
+def _optional_listen(value: Any) -> str | None:
+    return None if value in (None, "") else _listen(value)
+
+
 def _positive_float(value: Any) -> float:
     number = float(value)
     if not number > 0:
@@ -77,10 +95,36 @@ class Settings:
     region: str
     peer_ttl_s: float
     db_pool_size: int
+    advertise: str | None
+    auth: bool
+    auth_secret_file: Path | None
+    tls_cert_file: Path | None
+    tls_key_file: Path | None
+    tls_client_ca_file: Path | None
+    peer_tls_ca_file: Path | None
+    peer_tls_cert_file: Path | None
+    peer_tls_key_file: Path | None
+    lease_s: float
+    poll_interval_s: float
+    heartbeat_s: float
+    default_timeout_ms: int
+    balance: float
+    drain_grace_s: float
+    cache_max_bytes: int
+    max_inline_output: int
+    capabilities: tuple[LocalCapability, ...]
 
     @property
     def embedded_database(self) -> bool:
         return self.database_url is None
+
+    @property
+    def secret_path(self) -> Path:
+        return self.auth_secret_file or self.data_dir / "auth.secret"
+
+    @property
+    def token_path(self) -> Path:
+        return self.data_dir / "client.token"
 
 
 # key -> (parser, default factory, help)
@@ -91,7 +135,7 @@ FIELDS: dict[str, tuple[Callable[[Any], Any], Callable[[], Any], str]] = {
         lambda: None,
         "PostgreSQL URL; empty = embedded server in the data dir",
     ),
-    "listen": (_listen, lambda: "127.0.0.1:7070", "gRPC listen address HOST:PORT"),
+    "listen": (_listen, lambda: "127.0.0.1:50051", "gRPC listen address HOST:PORT"),
     "region": (_str, lambda: "local", "region this peer serves"),
     "peer_ttl_s": (
         _positive_float,
@@ -99,6 +143,44 @@ FIELDS: dict[str, tuple[Callable[[Any], Any], Callable[[], Any], str]] = {
         "seconds without a heartbeat before a peer counts as down",
     ),
     "db_pool_size": (_positive_int, lambda: 10, "maximum PostgreSQL connections"),
+    "advertise": (
+        _optional_listen,
+        lambda: None,
+        "HOST:PORT other peers dial (default: the listen address)",
+    ),
+    "auth": (_auth, lambda: True, "'on' (default) or 'off': bearer JWT on every call"),
+    "auth_secret_file": (
+        _optional_path,
+        lambda: None,
+        "HS256 secret shared by the peers (default: DATA_DIR/auth.secret)",
+    ),
+    "tls_cert_file": (_optional_path, lambda: None, "server certificate (PEM); enables TLS"),
+    "tls_key_file": (_optional_path, lambda: None, "server private key (PEM)"),
+    "tls_client_ca_file": (
+        _optional_path,
+        lambda: None,
+        "CA for client certificates; enables mTLS",
+    ),
+    "peer_tls_ca_file": (_optional_path, lambda: None, "CA to verify peers (enables TLS to peers)"),
+    "peer_tls_cert_file": (_optional_path, lambda: None, "client certificate for peer links"),
+    "peer_tls_key_file": (_optional_path, lambda: None, "client key for peer links"),
+    "lease_s": (_positive_float, lambda: 10.0, "job lease; renewed every lease/3"),
+    "poll_interval_s": (_positive_float, lambda: 1.0, "queue poll interval (backstop)"),
+    "heartbeat_s": (_positive_float, lambda: 3.0, "peer heartbeat interval"),
+    "default_timeout_ms": (_positive_int, lambda: 60_000, "job timeout when none is given"),
+    "balance": (_positive_float, lambda: 1.25, "bounded-load factor c (>= 1)"),
+    "drain_grace_s": (_positive_float, lambda: 30.0, "SIGTERM: time to finish running jobs"),
+    "cache_max_bytes": (_positive_int, lambda: 10 * 1024**3, "object cache size bound"),
+    "max_inline_output": (
+        _positive_int,
+        lambda: 1024 * 1024,
+        "stdout up to this size is stored inline; more becomes an object",
+    ),
+    "capabilities": (
+        parse_capabilities,
+        example_capabilities,
+        "capability tables (default: the example guest modules)",
+    ),
 }
 assert set(FIELDS) == {f.name for f in dataclasses.fields(Settings)}
 
@@ -146,6 +228,12 @@ def load(
     }
     _apply(values, env_values, "the environment (ANVIL_*)")
     _apply(values, {k: v for k, v in (overrides or {}).items() if v is not None}, "flags")
+    if (values["tls_cert_file"] is None) != (values["tls_key_file"] is None):
+        raise ConfigError("tls_cert_file and tls_key_file must be set together")
+    if values["tls_client_ca_file"] is not None and values["tls_cert_file"] is None:
+        raise ConfigError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
+    if values["balance"] < 1:
+        raise ConfigError(f"bad value for 'balance': {values['balance']} (must be >= 1)")
     return Settings(**values)
 
 

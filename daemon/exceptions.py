@@ -114,3 +114,7 @@ class ConfigError(AnvilError):
     """A setting is unknown or has a bad value; the message names the key."""
 
     code = ErrorCode.INVALID_ARGUMENT
+
+
+class InvalidModule(InvalidArgument):
+    """Bytes that are not a runnable WASI command (not wasm, unknown import, no `_start`)."""

@@ -63,10 +63,11 @@ ORDER BY peer_id;
 SELECT *, (state = 'up' AND heartbeat_at > clock_timestamp() - %(ttl)s) AS live
 FROM peers WHERE peer_id = %(peer_id)s;
 
--- name: running_load
-SELECT peer_id, count(*) AS running
+-- name: active_load
+-- Jobs placed on each peer and not yet finished: what bounded loads balance.
+SELECT peer_id, count(*) AS active
 FROM jobs
-WHERE state = 'running' AND peer_id = ANY(%(peer_ids)s)
+WHERE state IN ('queued', 'running') AND peer_id IS NOT NULL
 GROUP BY peer_id;
 
 -- name: insert_job
@@ -86,9 +87,11 @@ SELECT * FROM jobs WHERE idempotency_key = %(idempotency_key)s;
 SELECT * FROM jobs WHERE job_id = %(job_id)s;
 
 -- name: assign_job
--- Place (or re-place) a queued job; only a queued job can move.
+-- Place (or re-place) a queued job: compare-and-set on its current placement,
+-- so two sweepers cannot both move it.
 UPDATE jobs SET peer_id = %(peer_id)s, updated_at = clock_timestamp()
 WHERE job_id = %(job_id)s AND state = 'queued'
+  AND peer_id IS NOT DISTINCT FROM %(from_peer_id)s
 RETURNING *;
 
 -- name: claim_job
@@ -156,7 +159,7 @@ WHERE job_id = %(job_id)s AND state = 'running' AND attempt = %(attempt)s
 RETURNING *;
 
 -- name: find_expired_leases
-SELECT job_id, attempt, peer_id, locality_key, capability, region
+SELECT job_id, attempt, peer_id, locality_key, capability, region, resources
 FROM jobs
 WHERE state = 'running' AND lease_expires_at < clock_timestamp()
 ORDER BY lease_expires_at

@@ -40,6 +40,7 @@ class ExpiredLease:
     locality_key: str
     capability: str
     region: str
+    resources: dict[str, str]
 
 
 def _check_lease(lease: timedelta) -> None:
@@ -64,11 +65,18 @@ class JobStore:
                 return await cur.fetchall()
 
     async def submit(
-        self, spec: JobSpec, *, job_id: uuid.UUID | None = None, peer_id: uuid.UUID | None = None
+        self,
+        spec: JobSpec,
+        *,
+        job_id: uuid.UUID | None = None,
+        peer_id: uuid.UUID | None = None,
+        locality_key: str | None = None,
     ) -> SubmitResult:
         """Insert a QUEUED job (placed on peer_id if given) or return the idempotent original.
 
-        Raises IdempotencyConflict when the key was used for a different request.
+        `locality_key` is the resolved placement key (default: the spec's, else
+        the job id). Raises IdempotencyConflict when the key was used for a
+        different request.
         """
         job_id = job_id or uuid.uuid4()
         digest = spec.request_sha256()
@@ -79,7 +87,7 @@ class JobStore:
             "inputs": list(spec.inputs),
             "params": Jsonb(dict(spec.params)),
             "resources": Jsonb(dict(spec.resources)),
-            "locality_key": spec.locality_key or str(job_id),
+            "locality_key": locality_key or spec.locality_key or str(job_id),
             "idempotency_key": spec.idempotency_key,
             "request_sha256": digest,
             "timeout_ms": spec.timeout_ms,
@@ -111,9 +119,17 @@ class JobStore:
             raise JobNotFound(f"job {job_id} not found")
         return Job.from_row(row)
 
-    async def assign(self, job_id: uuid.UUID, peer_id: uuid.UUID | None) -> Job:
-        """Place a queued job on a peer; raise JobAlreadyFinished/FailedPrecondition otherwise."""
-        row = await self._one("assign_job", {"job_id": job_id, "peer_id": peer_id})
+    async def assign(
+        self, job_id: uuid.UUID, peer_id: uuid.UUID | None, *, from_peer_id: uuid.UUID | None
+    ) -> Job:
+        """Move a queued job from `from_peer_id` (None: unplaced) to `peer_id`.
+
+        Raises JobAlreadyFinished, or FailedPrecondition when the job is no
+        longer queued there (claimed, re-placed by someone else).
+        """
+        row = await self._one(
+            "assign_job", {"job_id": job_id, "peer_id": peer_id, "from_peer_id": from_peer_id}
+        )
         if row is None:
             job = await self.get(job_id)
             raise self._precondition(job, "assign")
@@ -253,6 +269,11 @@ class JobStore:
     async def list_unplaced(self, *, limit: int = 100) -> list[Job]:
         rows = await self._all("list_queued_unplaced", {"limit": limit})
         return [Job.from_row(row) for row in rows]
+
+    async def active_load(self) -> dict[uuid.UUID, int]:
+        """Queued + running jobs per peer (peers with none are absent)."""
+        rows = await self._all("active_load", {})
+        return {row["peer_id"]: row["active"] for row in rows}
 
     async def events(self, job_id: uuid.UUID) -> list[JobEvent]:
         rows = await self._all("job_events", {"job_id": job_id})

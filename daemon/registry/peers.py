@@ -74,11 +74,3 @@ class PeerStore:
                 rows = await cur.fetchall()
         peers = [Peer.from_row(row) for row in rows]
         return [p for p in peers if p.live] if live_only else peers
-
-    async def running_load(self, peer_ids: list[uuid.UUID]) -> dict[uuid.UUID, int]:
-        """Running jobs per peer (peers with none are absent)."""
-        with translate_errors():
-            async with self._pool.connection() as conn:
-                cur = await conn.execute(queries.get("running_load"), {"peer_ids": peer_ids})
-                rows = await cur.fetchall()
-        return {row["peer_id"]: row["running"] for row in rows}

@@ -270,6 +270,18 @@ async def test_cancel_queued_and_running_and_refuse_terminal(registry: Registry)
         await registry.jobs.cancel(running.job_id)
 
 
+async def test_assign_is_a_compare_and_set_on_the_placement(registry: Registry) -> None:
+    first, second, third = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    job = (await registry.jobs.submit(spec())).job
+    assert job.peer_id is None
+    moved = await registry.jobs.assign(job.job_id, first, from_peer_id=None)
+    assert moved.peer_id == first
+    with pytest.raises(FailedPrecondition):
+        await registry.jobs.assign(job.job_id, second, from_peer_id=None)
+    moved = await registry.jobs.assign(job.job_id, third, from_peer_id=first)
+    assert moved.peer_id == third
+
+
 async def test_release_requeues_for_another_peer(registry: Registry) -> None:
     peer, other = uuid.uuid4(), uuid.uuid4()
     job = (await registry.jobs.submit(spec(), peer_id=peer)).job
@@ -308,7 +320,7 @@ async def test_unknown_job_and_bad_input_raise_typed_errors(registry: Registry) 
     with pytest.raises(InvalidArgument, match="lease"):
         await registry.jobs.claim_next(peer, lease=timedelta(0))
     with pytest.raises(FailedPrecondition):
-        await registry.jobs.assign(job.job_id, uuid.uuid4())
+        await registry.jobs.assign(job.job_id, uuid.uuid4(), from_peer_id=peer)
 
 
 async def test_database_constraints_back_the_state_machine(registry: Registry) -> None:

@@ -1,0 +1,172 @@
+"""A small async client of one peer: ComputeService calls and input uploads."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+from urllib.parse import quote
+
+import grpc
+from grpc import aio
+
+from daemon.pb.anvil import compute_pb2, compute_pb2_grpc
+from daemon.storage.anvil_client import AnvilClient
+from daemon.storage.digest import sha256_file
+from daemon.storage.refs import parse_ref
+from daemon.storage.source import ObjectInfo
+
+INPUT_BUCKET = "inputs"
+MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+
+
+def find_token(explicit: str | None, data_dir: Path | None) -> str | None:
+    """--token, else $ANVIL_TOKEN, else DATA_DIR/client.token if readable."""
+    if explicit:
+        return explicit
+    if os.environ.get("ANVIL_TOKEN"):
+        return os.environ["ANVIL_TOKEN"]
+    if data_dir is not None:
+        try:
+            return (data_dir / "client.token").read_text().strip() or None
+        except OSError:
+            return None
+    return None
+
+
+def looks_like_ref(text: str) -> bool:
+    return "://" in text or text.startswith("sha256:")
+
+
+class ComputeClient:
+    """ComputeService over one channel, with the caller's bearer token on every call."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        options = [
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
+        self.target = target
+        self._token = token
+        self._credentials = credentials
+        self.channel = (
+            aio.secure_channel(target, credentials, options=options)
+            if credentials is not None
+            else aio.insecure_channel(target, options=options)
+        )
+        self.stub: compute_pb2_grpc.ComputeServiceAsyncStub = compute_pb2_grpc.ComputeServiceStub(
+            self.channel
+        )
+        self.metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> ComputeClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def submit(
+        self,
+        capability: str,
+        *,
+        region: str = "local",
+        inputs: Sequence[str] = (),
+        params: Mapping[str, str] | None = None,
+        idempotency_key: str = "",
+        locality_key: str = "",
+        timeout_ms: int = 0,
+        resources: Mapping[str, str] | None = None,
+        max_attempts: int = 0,
+        deadline_s: float | None = 30.0,
+    ) -> compute_pb2.SubmitJobResponse:
+        return await self.stub.SubmitJob(
+            compute_pb2.SubmitJobRequest(
+                capability=capability,
+                region=region,
+                inputs=list(inputs),
+                params=dict(params or {}),
+                idempotency_key=idempotency_key,
+                locality_key=locality_key,
+                timeout_ms=timeout_ms,
+                resources=dict(resources or {}),
+                max_attempts=max_attempts,
+            ),
+            metadata=self.metadata,
+            timeout=deadline_s,
+        )
+
+    async def status(self, job_id: str) -> compute_pb2.GetJobStatusResponse:
+        return await self.stub.GetJobStatus(
+            compute_pb2.GetJobStatusRequest(job_id=job_id), metadata=self.metadata, timeout=30
+        )
+
+    async def cancel(self, job_id: str, reason: str = "") -> compute_pb2.CancelJobResponse:
+        return await self.stub.CancelJob(
+            compute_pb2.CancelJobRequest(job_id=job_id, reason=reason),
+            metadata=self.metadata,
+            timeout=30,
+        )
+
+    async def watch(self, job_id: str) -> AsyncIterator[compute_pb2.GetJobStatusResponse]:
+        call = self.stub.WatchJob(
+            compute_pb2.WatchJobRequest(job_id=job_id), metadata=self.metadata
+        )
+        async for update in call:
+            yield update.status
+
+    async def wait(self, job_id: str) -> compute_pb2.GetJobStatusResponse:
+        """Follow the job until it ends; return its final status."""
+        last = None
+        async for status in self.watch(job_id):
+            last = status
+        if last is None:
+            raise RuntimeError(f"watch of {job_id} ended without a status")
+        return last
+
+    async def capabilities(
+        self, capability: str = "", region: str = "", live_only: bool = False
+    ) -> list[compute_pb2.Capability]:
+        response = await self.stub.ListCapabilities(
+            compute_pb2.ListCapabilitiesRequest(
+                capability=capability, region=region, live_only=live_only
+            ),
+            metadata=self.metadata,
+            timeout=30,
+        )
+        return list(response.capabilities)
+
+    async def upload(self, path: Path, *, bucket: str = INPUT_BUCKET) -> str:
+        """Store a local file on the peer; return its ref with the digest."""
+        digest = await asyncio.to_thread(sha256_file, path)
+        async with AnvilClient.connect(
+            self.target, credentials=self._credentials, token=self._token
+        ) as objects:
+            # Content-addressed key: the same bytes always land at the same key,
+            # so HRW places every job on them the same way.
+            info: ObjectInfo = await objects.put_file(
+                path, bucket=bucket, key=f"{digest}/{path.name}", sha256=digest
+            )
+        return f"anvil://{bucket}/{quote(info.key)}?sha256={info.sha256}"
+
+    async def resolve_inputs(self, items: Sequence[str]) -> list[str]:
+        """Refs pass through (validated); local paths are uploaded first."""
+        refs = []
+        for item in items:
+            if looks_like_ref(item):
+                parse_ref(item)
+                refs.append(item)
+            else:
+                refs.append(await self.upload(Path(item)))
+        return refs

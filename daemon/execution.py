@@ -1,0 +1,41 @@
+"""What the runner hands an executor, and what it gets back. Executor-neutral."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from daemon.capability_config import LocalCapability
+from daemon.jobstate import JobState
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ExecutionRequest:
+    job_id: str
+    capability: LocalCapability
+    # WASM: the module file (fetched and verified); Podman: unused.
+    module_path: Path | None
+    # Fetched, verified input files in the job's order (input 1 is also stdin).
+    inputs: tuple[Path, ...]
+    params: dict[str, str]
+    # Empty, writable: every file the guest leaves here becomes an output object.
+    output_dir: Path
+    timeout_s: float
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ExecutionOutcome:
+    state: JobState  # SUCCEEDED, FAILED or TIMED_OUT
+    stdout: bytes = b""
+    stderr: bytes = b""
+    exit_code: int | None = None
+    # Why it failed, in words an operator or guest author can act on.
+    error: str = ""
+    output_files: tuple[Path, ...] = field(default_factory=tuple)
+
+
+class JobExecutor(Protocol):
+    async def execute(self, request: ExecutionRequest) -> ExecutionOutcome:
+        """Run one attempt under its limits. Cancelling the call kills the guest."""
+        ...

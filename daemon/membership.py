@@ -1,0 +1,114 @@
+"""This peer's in-memory view of the fabric: who can run what, and how loaded.
+
+Refreshed when the registry announces a membership change (NOTIFY) and on a
+timer (heartbeats age silently), so placing a job never queries the database.
+Loads are refreshed on a shorter timer and bumped locally for each placement
+in between, so a burst of submissions does not pile onto one peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Mapping
+
+from daemon.exceptions import AnvilError
+from daemon.registry import Registry
+from daemon.registry.listener import MEMBERSHIP, Listener
+from daemon.registry.models import Capability
+from daemon.scheduler import CandidateSet, capable
+
+log = logging.getLogger(__name__)
+
+_CacheKey = tuple[str, str, frozenset[tuple[str, str]]]
+
+
+class MembershipView:
+    def __init__(
+        self,
+        registry: Registry,
+        listener: Listener | None,
+        *,
+        refresh_s: float = 2.0,
+        load_refresh_s: float = 0.5,
+    ) -> None:
+        self._registry = registry
+        self._listener = listener
+        self._refresh_s = refresh_s
+        self._load_refresh_s = load_refresh_s
+        self._capabilities: list[Capability] = []
+        self._sets: dict[_CacheKey, CandidateSet] = {}
+        self.loads: dict[uuid.UUID, int] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._changed = asyncio.Event()
+
+    async def start(self) -> None:
+        await self.refresh()
+        await self.refresh_loads()
+        self._tasks = [
+            asyncio.create_task(self._refresh_loop(), name="membership-refresh"),
+            asyncio.create_task(self._load_loop(), name="membership-loads"),
+        ]
+        if self._listener is not None:
+            self._tasks.append(asyncio.create_task(self._listen(), name="membership-listen"))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    async def refresh(self) -> None:
+        """Re-read capabilities and liveness; raise AnvilError if the registry is down."""
+        self._capabilities = await self._registry.capabilities.find(live_only=True)
+        self._sets = {}
+
+    async def refresh_loads(self) -> None:
+        self.loads = await self._registry.jobs.active_load()
+
+    def candidates(
+        self, capability: str, region: str, resources: Mapping[str, str]
+    ) -> CandidateSet:
+        """Peers that can run `capability` in `region` with `resources` (cached)."""
+        key = (capability, region, frozenset(resources.items()))
+        found = self._sets.get(key)
+        if found is None:
+            rows = [c for c in self._capabilities if c.capability == capability]
+            found = CandidateSet(capable(rows, region=region, resources=resources))
+            self._sets[key] = found
+        return found
+
+    def note_placed(self, peer_id: uuid.UUID) -> None:
+        self.loads[peer_id] = self.loads.get(peer_id, 0) + 1
+
+    def request_refresh(self) -> None:
+        self._changed.set()
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), self._refresh_s)
+            self._changed.clear()
+            try:
+                await self.refresh()
+            except AnvilError as exc:
+                log.warning("membership refresh failed: %s", exc)
+
+    async def _load_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._load_refresh_s)
+            try:
+                await self.refresh_loads()
+            except AnvilError as exc:
+                log.warning("load refresh failed: %s", exc)
+
+    async def _listen(self) -> None:
+        assert self._listener is not None
+        async with self._listener.subscribe(MEMBERSHIP) as queue:
+            while True:
+                await queue.get()
+                self._changed.set()

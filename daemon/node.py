@@ -1,0 +1,268 @@
+"""One peer: assembles registry, storage, executors, runner and server; starts and drains.
+
+Start-up order matters: the registry (and migrations) first, then the server,
+then this peer's row and capabilities, and only then the runner, so a job is
+never placed here before this peer can serve it. Shutdown is the reverse: stop
+taking work, drain running jobs, deregister, stop serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import timedelta
+from pathlib import Path
+
+import jwt
+
+from daemon import __version__, auth
+from daemon.config import Settings
+from daemon.dispatch import PeerLinks
+from daemon.exceptions import AnvilError, ConfigError
+from daemon.execution import JobExecutor
+from daemon.membership import MembershipView
+from daemon.registry import Registry
+from daemon.registry.embedded import EmbeddedPostgres
+from daemon.registry.listener import JOB_EVENTS, MEMBERSHIP, Listener, peer_channel
+from daemon.registry.models import CapabilitySpec
+from daemon.rescuer import Rescuer
+from daemon.runner import Runner, RunnerOptions
+from daemon.server import Server, ServerOptions
+from daemon.services.compute import ComputeService, SubmitPolicy
+from daemon.services.peer import PeerService
+from daemon.storage.cache import DiskCache
+from daemon.storage.fetcher import Fetcher
+from daemon.storage.local_store import LocalStore
+from daemon.storage.object_service import ObjectServiceServicer
+from daemon.watch import JobEventHub
+
+log = logging.getLogger(__name__)
+
+CLIENT_TOKEN_TTL_S = 365 * 24 * 3600
+PEER_TOKEN_TTL_S = 3600
+
+
+def load_or_create_peer_id(data_dir: Path) -> uuid.UUID:
+    """This peer's stable identity, kept in DATA_DIR/peer_id."""
+    path = data_dir / "peer_id"
+    try:
+        return uuid.UUID(path.read_text().strip())
+    except FileNotFoundError:
+        peer_id = uuid.uuid4()
+        path.write_text(f"{peer_id}\n")
+        return peer_id
+    except ValueError as exc:
+        raise ConfigError(f"{path} does not hold a UUID") from exc
+
+
+def _token_fresh(path: Path, secret: bytes) -> bool:
+    try:
+        claims = auth.verify_token(path.read_text().strip(), secret)
+    except (OSError, AnvilError, jwt.PyJWTError):
+        return False
+    return claims.exp - time.time() > 24 * 3600
+
+
+ExecutorFactory = Callable[[Settings], Awaitable[Mapping[str, JobExecutor]]]
+
+
+class Node:
+    def __init__(self, settings: Settings, *, executor_factory: ExecutorFactory) -> None:
+        self.settings = settings
+        self._executor_factory = executor_factory
+        self._cleanup: list[Callable[[], Awaitable[None]]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self.peer_id: uuid.UUID | None = None
+        self.address = ""
+        self.server: Server | None = None
+        self.runner: Runner | None = None
+        self.registry: Registry | None = None
+        self._peer_token: tuple[str, float] | None = None
+        self._secret: bytes | None = None
+
+    async def start(self) -> None:
+        """Bring the peer up; raise ConfigError / RegistryUnavailable on failure."""
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        self.peer_id = peer_id = load_or_create_peer_id(s.data_dir)
+        url = s.database_url
+        if url is None:
+            embedded = EmbeddedPostgres(s.data_dir / "postgres")
+            url = await asyncio.to_thread(embedded.start)
+            self._cleanup.append(lambda: asyncio.to_thread(embedded.close))
+        self.registry = registry = await Registry.connect(
+            url, peer_ttl=timedelta(seconds=s.peer_ttl_s), max_size=s.db_pool_size
+        )
+        self._cleanup.append(registry.close)
+
+        listener = Listener(url, [JOB_EVENTS, MEMBERSHIP, peer_channel(peer_id.hex)])
+        await listener.start()
+        self._cleanup.append(listener.close)
+        hub = JobEventHub(listener)
+        await hub.start()
+        self._cleanup.append(hub.close)
+        view = MembershipView(registry, listener, refresh_s=max(s.peer_ttl_s / 3, 0.2))
+        self._cleanup.append(view.close)
+
+        store = LocalStore(s.data_dir)
+        cache = DiskCache(s.data_dir / "cache", max_bytes=s.cache_max_bytes)
+        self._cleanup.append(lambda: asyncio.to_thread(cache.close))
+        fetcher = Fetcher(cache, local=store)
+
+        if s.auth:
+            self._secret = auth.load_or_create_secret(s.secret_path)
+            if not _token_fresh(s.token_path, self._secret):
+                auth.write_client_token(s.token_path, self._secret, ttl_s=CLIENT_TOKEN_TTL_S)
+        peer_credentials = (
+            auth.channel_credentials(
+                ca=s.peer_tls_ca_file, cert=s.peer_tls_cert_file, key=s.peer_tls_key_file
+            )
+            if s.peer_tls_ca_file
+            else None
+        )
+        links = PeerLinks(token=self._peer_bearer, credentials=peer_credentials)
+        self._cleanup.append(links.close)
+
+        executors = await self._executor_factory(s)
+        capabilities = {c.name: c for c in s.capabilities}
+        self.runner = runner = Runner(
+            registry=registry,
+            peer_id=peer_id,
+            capabilities=capabilities,
+            executors=executors,
+            fetcher=fetcher,
+            store=store,
+            hub=hub,
+            options=RunnerOptions(
+                lease=timedelta(seconds=s.lease_s),
+                poll_interval_s=s.poll_interval_s,
+                max_inline_output=s.max_inline_output,
+                work_root=s.data_dir / "work",
+            ),
+        )
+
+        def dispatch(target: uuid.UUID, address: str, job_id: uuid.UUID) -> None:
+            if target == peer_id:
+                runner.wake()
+            else:
+                links.dispatch_soon(address, job_id)
+
+        tls = (
+            auth.server_credentials(
+                auth.TlsFiles(
+                    cert=s.tls_cert_file, key=s.tls_key_file, client_ca=s.tls_client_ca_file
+                )
+            )
+            if s.tls_cert_file and s.tls_key_file
+            else None
+        )
+        self.server = server = Server(
+            ServerOptions(listen=s.listen, secret=self._secret, credentials=tls),
+            compute=ComputeService(
+                registry=registry,
+                view=view,
+                hub=hub,
+                dispatch=dispatch,
+                policy=SubmitPolicy(default_timeout_ms=s.default_timeout_ms, balance=s.balance),
+            ),
+            peer=PeerService(peer_id=peer_id, region=s.region, worker=runner),
+            objects=ObjectServiceServicer(store),
+        )
+        await server.set_serving(False)
+        await server.start()
+        self._cleanup.append(lambda: server.stop(1.0))
+        self.address = s.advertise or server.address
+
+        await registry.peers.upsert(
+            peer_id=peer_id, address=self.address, region=s.region, version=__version__
+        )
+        for cap in s.capabilities:
+            await registry.capabilities.register(
+                CapabilitySpec(
+                    peer_id=peer_id,
+                    region=s.region,
+                    capability=cap.name,
+                    resources=cap.resources,
+                    max_concurrency=cap.max_concurrency,
+                    executor=cap.executor_message(),
+                )
+            )
+        await view.start()
+        await runner.start()
+        self._cleanup.append(runner.close)
+        rescuer = Rescuer(
+            registry=registry, view=view, dispatch=dispatch, interval_s=max(s.lease_s / 4, 0.2)
+        )
+        self._tasks = [
+            asyncio.create_task(self._heartbeat_loop(), name="peer-heartbeat"),
+            asyncio.create_task(rescuer.run(), name="rescuer"),
+            asyncio.create_task(self._queue_notifications(listener), name="queue-notify"),
+        ]
+        await server.set_serving(True)
+        log.info(
+            "peer %s serving on %s (region %s, capabilities %s)",
+            peer_id,
+            self.address,
+            s.region,
+            ", ".join(sorted(capabilities)) or "none",
+        )
+
+    def _peer_bearer(self) -> str | None:
+        if self._secret is None:
+            return None
+        now = time.time()
+        if self._peer_token is None or self._peer_token[1] - now < 60:
+            token = auth.issue_token(
+                self._secret,
+                sub=f"peer:{self.peer_id}",
+                scopes=[auth.SCOPE_PEER],
+                ttl_s=PEER_TOKEN_TTL_S,
+            )
+            self._peer_token = (token, now + PEER_TOKEN_TTL_S)
+        return self._peer_token[0]
+
+    async def _heartbeat_loop(self) -> None:
+        assert self.registry is not None and self.peer_id is not None
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            try:
+                await self.registry.peers.heartbeat(self.peer_id)
+            except AnvilError as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    async def _queue_notifications(self, listener: Listener) -> None:
+        assert self.runner is not None and self.peer_id is not None
+        async with listener.subscribe(peer_channel(self.peer_id.hex)) as queue:
+            while True:
+                await queue.get()
+                self.runner.wake()
+
+    async def stop(self, *, drain_s: float | None = None) -> None:
+        """Stop taking work, drain running jobs, deregister, stop serving, close."""
+        grace = self.settings.drain_grace_s if drain_s is None else drain_s
+        if self.server is not None:
+            await self.server.set_serving(False)
+        if self.registry is not None and self.peer_id is not None:
+            with contextlib.suppress(AnvilError):
+                await self.registry.peers.set_state(self.peer_id, "draining")
+        if self.runner is not None:
+            await self.runner.drain(grace)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.registry is not None and self.peer_id is not None:
+            with contextlib.suppress(AnvilError):
+                await self.registry.capabilities.deregister_peer(self.peer_id)
+                await self.registry.peers.set_state(self.peer_id, "down")
+        while self._cleanup:
+            close = self._cleanup.pop()
+            try:
+                await close()
+            except Exception:
+                log.exception("error while shutting down")

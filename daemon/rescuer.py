@@ -1,0 +1,74 @@
+"""Rescue: every peer sweeps for jobs that lost their peer and re-places them.
+
+Safe to run on every peer at once: each rescue and each assignment is a
+compare-and-set in the registry, so two sweepers never both move one job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+
+from daemon.exceptions import AnvilError
+from daemon.membership import MembershipView
+from daemon.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+class Rescuer:
+    def __init__(
+        self,
+        *,
+        registry: Registry,
+        view: MembershipView,
+        dispatch: Callable[[uuid.UUID, str, uuid.UUID], None],
+        interval_s: float,
+    ) -> None:
+        self._registry = registry
+        self._view = view
+        self._dispatch = dispatch
+        self._interval_s = interval_s
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            try:
+                await self.sweep()
+            except AnvilError as exc:
+                log.warning("rescue sweep failed: %s", exc)
+
+    async def sweep(self) -> int:
+        """One pass: rescue expired leases, place unplaced jobs; return jobs moved."""
+        moved = 0
+        for lost in await self._registry.jobs.find_expired():
+            candidates = self._view.candidates(lost.capability, lost.region, lost.resources)
+            order = candidates.failover_order(lost.locality_key, exclude={lost.peer_id})
+            target = order[0] if order else None
+            job = await self._registry.jobs.rescue(
+                lost.job_id,
+                attempt=lost.attempt,
+                next_peer_id=target.peer_id if target else None,
+                error=f"lease expired on peer {lost.peer_id} during attempt {lost.attempt}",
+            )
+            if job is None:
+                continue  # it finished or was renewed since the snapshot
+            moved += 1
+            log.info("rescued job %s (attempt %d) -> %s", job.job_id, lost.attempt, job.state)
+            if target is not None and not job.state.terminal:
+                self._dispatch(target.peer_id, target.address, job.job_id)
+        for job in await self._registry.jobs.list_unplaced():
+            candidates = self._view.candidates(job.capability, job.region, job.resources)
+            if not len(candidates):
+                continue
+            placement = candidates.place(job.locality_key, self._view.loads)
+            try:
+                await self._registry.jobs.assign(job.job_id, placement.peer_id, from_peer_id=None)
+            except AnvilError:
+                continue  # moved on meanwhile (claimed elsewhere, cancelled)
+            moved += 1
+            self._view.note_placed(placement.peer_id)
+            self._dispatch(placement.peer_id, placement.address, job.job_id)
+        return moved

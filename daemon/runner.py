@@ -1,0 +1,319 @@
+"""This peer's job runner: claim, fetch, execute under a lease, persist the result.
+
+Claims are woken by Dispatch, by the registry's NOTIFY on this peer's channel,
+and by a poll (the backstop). Each capability runs at most `max_concurrency`
+jobs here. Leases are renewed every lease/3; a job whose lease or ownership is
+lost (rescued, cancelled) has its guest killed at once, and if the registry is
+unreachable the guests are killed before their leases can expire, so a job is
+never running twice for long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from daemon.capability_config import LocalCapability
+from daemon.exceptions import AnvilError, FailedPrecondition, RegistryUnavailable
+from daemon.execution import ExecutionOutcome, ExecutionRequest, JobExecutor
+from daemon.jobstate import JobState
+from daemon.registry import Registry
+from daemon.registry.models import Job, Outcome
+from daemon.storage.fetcher import Fetcher
+from daemon.storage.local_store import LocalStore
+from daemon.watch import JobEventHub
+
+log = logging.getLogger(__name__)
+
+RESULTS_BUCKET = "anvil-results"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunnerOptions:
+    lease: timedelta
+    poll_interval_s: float
+    max_inline_output: int
+    work_root: Path
+
+
+@dataclass(slots=True)
+class _Running:
+    job: Job
+    task: asyncio.Task[None]
+    # Set when this peer lost the job (cancelled, rescued); the result is dropped.
+    lost: str = ""
+
+
+class Runner:
+    def __init__(
+        self,
+        *,
+        registry: Registry,
+        peer_id: uuid.UUID,
+        capabilities: Mapping[str, LocalCapability],
+        executors: Mapping[str, JobExecutor],
+        fetcher: Fetcher,
+        store: LocalStore,
+        hub: JobEventHub,
+        options: RunnerOptions,
+    ) -> None:
+        self._registry = registry
+        self._peer_id = peer_id
+        self._capabilities = dict(capabilities)
+        self._executors = dict(executors)
+        self._fetcher = fetcher
+        self._store = store
+        self._hub = hub
+        self._options = options
+        self._running: dict[uuid.UUID, _Running] = {}
+        self._per_capability: dict[str, int] = dict.fromkeys(capabilities, 0)
+        self._wake = asyncio.Event()
+        self._draining = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last_renewal = time.monotonic()
+
+    # -- the PeerService's view ------------------------------------------------
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def running_jobs(self) -> int:
+        return len(self._running)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # -- lifecycle -------------------------------------------------------------
+    async def start(self) -> None:
+        self._options.work_root.mkdir(parents=True, exist_ok=True)
+        self._hub.on_event(self._on_job_event)
+        self._tasks = [
+            asyncio.create_task(self._claim_loop(), name="runner-claims"),
+            asyncio.create_task(self._lease_loop(), name="runner-leases"),
+        ]
+        self.wake()
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop claiming; let running jobs finish within grace_s, hand back the rest."""
+        self._draining = True
+        pending = [r.task for r in self._running.values()]
+        if pending:
+            await asyncio.wait(pending, timeout=grace_s)
+        for running in list(self._running.values()):
+            running.lost = "handed back: peer draining"
+            running.task.cancel()
+            with contextlib.suppress(AnvilError):
+                await self._registry.jobs.release(
+                    running.job.job_id,
+                    peer_id=self._peer_id,
+                    attempt=running.job.attempt,
+                    next_peer_id=None,
+                    error="peer drained before the job finished; re-placed",
+                )
+        await self.close()
+
+    async def close(self) -> None:
+        self._draining = True
+        tasks = self._tasks + [r.task for r in self._running.values()]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+
+    # -- claiming --------------------------------------------------------------
+    async def _claim_loop(self) -> None:
+        while not self._draining:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._options.poll_interval_s)
+            self._wake.clear()
+            try:
+                await self._claim_free_slots()
+            except AnvilError as exc:
+                log.warning("claiming failed: %s", exc)
+                await asyncio.sleep(self._options.poll_interval_s)
+
+    async def _claim_free_slots(self) -> None:
+        for name, cap in self._capabilities.items():
+            while not self._draining:
+                free = cap.max_concurrency - self._per_capability[name]
+                if free <= 0:
+                    break
+                jobs = await self._registry.jobs.claim_next(
+                    self._peer_id, lease=self._options.lease, limit=free, capabilities=[name]
+                )
+                for job in jobs:
+                    self._start(job, cap)
+                if len(jobs) < free:
+                    break
+
+    def _start(self, job: Job, cap: LocalCapability) -> None:
+        self._per_capability[cap.name] += 1
+        task = asyncio.create_task(self._run(job, cap), name=f"job-{job.job_id}")
+        self._running[job.job_id] = _Running(job=job, task=task)
+
+    def _on_job_event(self, job_id: uuid.UUID, state: str) -> None:
+        running = self._running.get(job_id)
+        if running is not None and state != JobState.RUNNING.value:
+            self._lose(running, f"job became {state} elsewhere")
+
+    def _lose(self, running: _Running, why: str) -> None:
+        if not running.lost:
+            running.lost = why
+            log.info("stopping job %s: %s", running.job.job_id, why)
+            running.task.cancel()
+
+    # -- leases ----------------------------------------------------------------
+    async def _lease_loop(self) -> None:
+        lease_s = self._options.lease.total_seconds()
+        while True:
+            await asyncio.sleep(lease_s / 3)
+            owned = [(r.job.job_id, r.job.attempt) for r in self._running.values() if not r.lost]
+            if not owned:
+                self._last_renewal = time.monotonic()
+                continue
+            try:
+                kept = await self._registry.jobs.renew_leases(
+                    self._peer_id, owned, lease=self._options.lease
+                )
+            except AnvilError as exc:
+                # Kill our guests before the leases can expire: past that point
+                # another peer may rescue and re-run the jobs.
+                if time.monotonic() - self._last_renewal > lease_s * 2 / 3:
+                    for running in list(self._running.values()):
+                        self._lose(running, f"cannot renew lease: {exc}")
+                continue
+            self._last_renewal = time.monotonic()
+            for job_id, _ in owned:
+                if job_id not in kept and job_id in self._running:
+                    self._lose(self._running[job_id], "lease lost (rescued or cancelled)")
+
+    # -- one job ---------------------------------------------------------------
+    async def _run(self, job: Job, cap: LocalCapability) -> None:
+        workdir = self._options.work_root / f"{job.job_id}-{job.attempt}"
+        try:
+            outcome = await self._attempt(job, cap, workdir)
+            await self._finish(job, outcome)
+        except asyncio.CancelledError:
+            running = self._running.get(job.job_id)
+            log.info(
+                "job %s attempt %d stopped: %s",
+                job.job_id,
+                job.attempt,
+                running.lost if running else "shutdown",
+            )
+        except Exception:
+            log.exception("job %s attempt %d crashed the runner", job.job_id, job.attempt)
+            with contextlib.suppress(AnvilError):
+                await self._finish(
+                    job, Outcome(state=JobState.FAILED, error="internal error on the peer")
+                )
+        finally:
+            self._running.pop(job.job_id, None)
+            self._per_capability[cap.name] -= 1
+            await asyncio.to_thread(shutil.rmtree, workdir, True)
+            self.wake()
+
+    async def _attempt(self, job: Job, cap: LocalCapability, workdir: Path) -> Outcome:
+        input_dir, output_dir = workdir / "in", workdir / "out"
+        input_dir.mkdir(parents=True)
+        output_dir.mkdir()
+        try:
+            inputs = []
+            for index, ref in enumerate(job.inputs):
+                dest = input_dir / str(index)
+                await self._fetcher.fetch_to(ref, dest)
+                inputs.append(dest)
+            module_path = await self._module(cap, workdir) if cap.kind == "wasm" else None
+        except AnvilError as exc:
+            return Outcome(state=JobState.FAILED, error=f"fetching inputs failed: {exc}")
+        executor = self._executors.get(cap.kind)
+        if executor is None:
+            return Outcome(state=JobState.FAILED, error=f"no {cap.kind} executor on this peer")
+        result = await executor.execute(
+            ExecutionRequest(
+                job_id=str(job.job_id),
+                capability=cap,
+                module_path=module_path,
+                inputs=tuple(inputs),
+                params=dict(job.params),
+                output_dir=output_dir,
+                timeout_s=job.timeout_ms / 1000,
+            )
+        )
+        return await self._persist(job, result)
+
+    async def _module(self, cap: LocalCapability, workdir: Path) -> Path:
+        if "://" in cap.module or cap.module.startswith("sha256:"):
+            ref = cap.module
+            if cap.module_sha256 and "sha256=" not in ref and not ref.startswith("sha256:"):
+                ref += ("&" if "?" in ref else "?") + f"sha256={cap.module_sha256}"
+            dest = workdir / "module.wasm"
+            await self._fetcher.fetch_to(ref, dest)
+            return dest
+        path = Path(cap.module)
+        if not await asyncio.to_thread(path.is_file):
+            raise FailedPrecondition(f"module {path} of {cap.name!r} is missing on this peer")
+        return path
+
+    async def _persist(self, job: Job, result: ExecutionOutcome) -> Outcome:
+        """Store large stdout and /output files as objects; small stdout stays inline."""
+        refs: list[str] = []
+        prefix = f"{job.job_id}/{job.attempt}"
+        output: bytes | None = result.stdout
+        if len(result.stdout) > self._options.max_inline_output:
+            info = await asyncio.to_thread(
+                functools.partial(
+                    self._store.put_bytes,
+                    result.stdout,
+                    bucket=RESULTS_BUCKET,
+                    key=f"{prefix}/stdout",
+                )
+            )
+            refs.append(f"anvil://{RESULTS_BUCKET}/{prefix}/stdout?sha256={info.sha256}")
+            output = None
+        for path in result.output_files:
+            key = f"{prefix}/output/{path.name}"
+            info = await asyncio.to_thread(
+                functools.partial(self._store.put_file, path, bucket=RESULTS_BUCKET, key=key)
+            )
+            refs.append(f"anvil://{RESULTS_BUCKET}/{key}?sha256={info.sha256}")
+        error = result.error
+        if not error and result.state is not JobState.SUCCEEDED and result.stderr:
+            error = result.stderr.decode("utf-8", "replace")[-2000:]
+        return Outcome(
+            state=result.state,
+            output=output,
+            output_refs=tuple(refs),
+            error=error,
+            exit_code=result.exit_code,
+        )
+
+    async def _finish(self, job: Job, outcome: Outcome) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await self._registry.jobs.finish(
+                    job.job_id, peer_id=self._peer_id, attempt=job.attempt, outcome=outcome
+                )
+                return
+            except RegistryUnavailable as exc:
+                # Keep trying while the lease may still be ours; the lease loop
+                # cancels this task once it is not.
+                log.warning("cannot record result of %s yet: %s", job.job_id, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            except FailedPrecondition as exc:
+                log.info("result of %s attempt %d refused: %s", job.job_id, job.attempt, exc)
+                return

@@ -1,0 +1,1 @@
+"""gRPC service implementations (thin: validate, call the domain, convert)."""

@@ -1,0 +1,171 @@
+"""anvil.ComputeService: capabilities, job submission, status, watch, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from grpc import aio
+
+from daemon import auth, convert
+from daemon.exceptions import InvalidArgument, NoCapablePeer
+from daemon.membership import MembershipView
+from daemon.pb.anvil import compute_pb2, compute_pb2_grpc
+from daemon.registry import Registry
+from daemon.registry.models import (
+    DEFAULT_MAX_ATTEMPTS,
+    CapabilitySpec,
+    JobSpec,
+    parse_uuid,
+)
+from daemon.scheduler import locality_key
+from daemon.storage.refs import parse_ref
+from daemon.watch import JobEventHub
+
+Context = aio.ServicerContext[Any, Any]
+# A watch re-reads its job at least this often, in case a notification was lost.
+WATCH_BACKSTOP_S = 5.0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SubmitPolicy:
+    default_timeout_ms: int = 60_000
+    balance: float = 1.25
+
+
+class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
+    def __init__(
+        self,
+        *,
+        registry: Registry,
+        view: MembershipView,
+        hub: JobEventHub,
+        dispatch: Callable[[uuid.UUID, str, uuid.UUID], None],
+        policy: SubmitPolicy,
+    ) -> None:
+        self._registry = registry
+        self._view = view
+        self._hub = hub
+        # dispatch(peer_id, address, job_id): wake the chosen peer (local or remote).
+        self._dispatch = dispatch
+        self._policy = policy
+
+    async def RegisterCapability(
+        self, request: compute_pb2.RegisterCapabilityRequest, context: Context
+    ) -> compute_pb2.RegisterCapabilityResponse:
+        spec = CapabilitySpec(
+            peer_id=parse_uuid(request.peer_id, field_name="peer_id"),
+            region=request.region,
+            capability=request.capability,
+            resources=dict(request.resources),
+            max_concurrency=request.max_concurrency or 1,
+            executor=convert.executor_to_dict(request.executor),
+        )
+        cap = await self._registry.capabilities.register(spec)
+        self._view.request_refresh()
+        return compute_pb2.RegisterCapabilityResponse(capability=convert.capability_message(cap))
+
+    async def DeregisterCapability(
+        self, request: compute_pb2.DeregisterCapabilityRequest, context: Context
+    ) -> compute_pb2.DeregisterCapabilityResponse:
+        await self._registry.capabilities.deregister(
+            parse_uuid(request.peer_id, field_name="peer_id"), request.capability
+        )
+        self._view.request_refresh()
+        return compute_pb2.DeregisterCapabilityResponse()
+
+    async def ListCapabilities(
+        self, request: compute_pb2.ListCapabilitiesRequest, context: Context
+    ) -> compute_pb2.ListCapabilitiesResponse:
+        found = await self._registry.capabilities.find(
+            capability=request.capability or None,
+            region=request.region or None,
+            live_only=request.live_only,
+        )
+        return compute_pb2.ListCapabilitiesResponse(
+            capabilities=[convert.capability_message(c) for c in found]
+        )
+
+    async def SubmitJob(
+        self, request: compute_pb2.SubmitJobRequest, context: Context
+    ) -> compute_pb2.SubmitJobResponse:
+        job_id = uuid.uuid4()
+        for ref in request.inputs:
+            parse_ref(ref)  # a malformed ref is refused before anything is written
+        claims = auth.current_claims.get()
+        spec = JobSpec(
+            capability=request.capability,
+            region=request.region,
+            timeout_ms=request.timeout_ms or self._policy.default_timeout_ms,
+            inputs=tuple(request.inputs),
+            params=dict(request.params),
+            resources=dict(request.resources),
+            locality_key=request.locality_key,
+            idempotency_key=request.idempotency_key or None,
+            max_attempts=request.max_attempts or DEFAULT_MAX_ATTEMPTS,
+            submitted_by=claims.sub if claims else "",
+        )
+        key = locality_key(explicit=spec.locality_key, inputs=spec.inputs, job_id=job_id)
+        candidates = self._view.candidates(spec.capability, spec.region, spec.resources)
+        if not len(candidates):
+            raise NoCapablePeer(_no_peer_reason(spec))
+        placement = candidates.place(key, self._view.loads, c=self._policy.balance)
+        result = await self._registry.jobs.submit(
+            spec, job_id=job_id, peer_id=placement.peer_id, locality_key=key
+        )
+        job = result.job
+        if not result.existing:
+            self._view.note_placed(placement.peer_id)
+        if job.peer_id is not None and not job.state.terminal:
+            self._dispatch(job.peer_id, placement.address, job.job_id)
+        return compute_pb2.SubmitJobResponse(
+            job_id=str(job.job_id),
+            peer_id=str(job.peer_id) if job.peer_id else "",
+            existing=result.existing,
+        )
+
+    async def GetJobStatus(
+        self, request: compute_pb2.GetJobStatusRequest, context: Context
+    ) -> compute_pb2.GetJobStatusResponse:
+        job = await self._registry.jobs.get(parse_uuid(request.job_id, field_name="job_id"))
+        return convert.job_status(job)
+
+    async def CancelJob(
+        self, request: compute_pb2.CancelJobRequest, context: Context
+    ) -> compute_pb2.CancelJobResponse:
+        job_id = parse_uuid(request.job_id, field_name="job_id")
+        if len(request.reason) > 1024:
+            raise InvalidArgument("reason longer than 1024 characters")
+        job = await self._registry.jobs.cancel(job_id, reason=request.reason or "cancelled")
+        return compute_pb2.CancelJobResponse(state=convert.JOB_STATE_TO_PROTO[job.state])  # type: ignore[arg-type]
+
+    async def WatchJob(
+        self, request: compute_pb2.WatchJobRequest, context: Context
+    ) -> AsyncIterator[compute_pb2.WatchJobResponse]:
+        job_id = parse_uuid(request.job_id, field_name="job_id")
+        last: tuple[Any, ...] | None = None
+        # Subscribe before the first read, so no change can slip in between.
+        async with self._hub.waiter(job_id) as changed:
+            while True:
+                changed.clear()
+                job = await self._registry.jobs.get(job_id)
+                seen = (job.state, job.attempt, job.peer_id)
+                if seen != last:
+                    last = seen
+                    yield compute_pb2.WatchJobResponse(status=convert.job_status(job))
+                if job.state.terminal:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), WATCH_BACKSTOP_S)
+
+
+def _no_peer_reason(spec: JobSpec) -> str:
+    needs = f" with resources {dict(spec.resources)}" if spec.resources else ""
+    return (
+        f"no live peer in region {spec.region!r} has registered capability "
+        f"{spec.capability!r}{needs}"
+    )
