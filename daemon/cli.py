@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
+
+# The WASM worker pool starts its workers with fork+exec; gRPC's fork handlers
+# are not needed for that and only print a warning on every spawn.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from daemon import __version__
 from daemon.exceptions import AnvilError
@@ -14,6 +19,7 @@ from daemon.exceptions import AnvilError
 # sets `handler` (args -> exit code) as a parser default.
 COMMAND_MODULES: tuple[str, ...] = (
     "daemon.commands.serve",
+    "daemon.commands.demo",
     "daemon.commands.jobs",
     "daemon.commands.objects",
     "daemon.commands.migrate",

@@ -141,6 +141,7 @@ class Node:
                 lease=timedelta(seconds=s.lease_s),
                 poll_interval_s=s.poll_interval_s,
                 max_inline_output=s.max_inline_output,
+                default_timeout_ms=s.default_timeout_ms,
                 work_root=s.data_dir / "work",
             ),
         )
@@ -167,7 +168,7 @@ class Node:
                 view=view,
                 hub=hub,
                 dispatch=dispatch,
-                policy=SubmitPolicy(default_timeout_ms=s.default_timeout_ms, balance=s.balance),
+                policy=SubmitPolicy(balance=s.balance),
             ),
             peer=PeerService(peer_id=peer_id, region=s.region, worker=runner),
             objects=ObjectServiceServicer(store),

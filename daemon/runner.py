@@ -35,6 +35,7 @@ from daemon.watch import JobEventHub
 log = logging.getLogger(__name__)
 
 RESULTS_BUCKET = "anvil-results"
+MAX_GUEST_MESSAGE = 2000
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -43,6 +44,8 @@ class RunnerOptions:
     poll_interval_s: float
     max_inline_output: int
     work_root: Path
+    # Used when neither the job nor the capability sets a timeout.
+    default_timeout_ms: int = 60_000
 
 
 @dataclass(slots=True)
@@ -249,7 +252,10 @@ class Runner:
                 inputs=tuple(inputs),
                 params=dict(job.params),
                 output_dir=output_dir,
-                timeout_s=job.timeout_ms / 1000,
+                timeout_s=(
+                    job.timeout_ms or cap.limits.timeout_ms or self._options.default_timeout_ms
+                )
+                / 1000,
             )
         )
         return await self._persist(job, result)
@@ -290,8 +296,11 @@ class Runner:
             )
             refs.append(f"anvil://{RESULTS_BUCKET}/{key}?sha256={info.sha256}")
         error = result.error
-        if not error and result.state is not JobState.SUCCEEDED and result.stderr:
-            error = result.stderr.decode("utf-8", "replace")[-2000:]
+        if result.state is not JobState.SUCCEEDED and result.stderr.strip():
+            # The guest's own message (its last stderr lines) is what a user can
+            # act on; the executor's reason says how it ended.
+            said = result.stderr.decode("utf-8", "replace").strip()[-MAX_GUEST_MESSAGE:]
+            error = f"{error}: {said}" if error else said
         return Outcome(
             state=result.state,
             output=output,

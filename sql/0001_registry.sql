@@ -47,7 +47,8 @@ CREATE TABLE jobs (
     idempotency_key TEXT,
     -- sha256 of the canonical request, so a reused key with another request is refused.
     request_sha256 TEXT NOT NULL,
-    timeout_ms BIGINT NOT NULL CHECK (timeout_ms > 0),
+    -- Wall-clock limit of one attempt; 0 = the running peer's capability default.
+    timeout_ms BIGINT NOT NULL CHECK (timeout_ms >= 0),
     max_attempts INT NOT NULL DEFAULT 3 CHECK (max_attempts BETWEEN 1 AND 100),
     submitted_by TEXT NOT NULL DEFAULT '',
     state job_state NOT NULL DEFAULT 'queued',

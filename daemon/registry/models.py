@@ -146,9 +146,10 @@ class JobSpec:
     def __post_init__(self) -> None:
         validate_capability(self.capability)
         validate_region(self.region)
-        if not 0 < self.timeout_ms <= MAX_TIMEOUT_MS:
+        if not 0 <= self.timeout_ms <= MAX_TIMEOUT_MS:
             raise InvalidArgument(
-                f"timeout_ms must be between 1 and {MAX_TIMEOUT_MS}, got {self.timeout_ms}"
+                f"timeout_ms must be between 0 (the capability's default) and "
+                f"{MAX_TIMEOUT_MS}, got {self.timeout_ms}"
             )
         if not 1 <= self.max_attempts <= MAX_ATTEMPTS_LIMIT:
             raise InvalidArgument(

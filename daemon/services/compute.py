@@ -33,7 +33,6 @@ WATCH_BACKSTOP_S = 5.0
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SubmitPolicy:
-    default_timeout_ms: int = 60_000
     balance: float = 1.25
 
 
@@ -100,7 +99,7 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
         spec = JobSpec(
             capability=request.capability,
             region=request.region,
-            timeout_ms=request.timeout_ms or self._policy.default_timeout_ms,
+            timeout_ms=request.timeout_ms,
             inputs=tuple(request.inputs),
             params=dict(request.params),
             resources=dict(request.resources),

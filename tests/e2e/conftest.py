@@ -1,140 +1,14 @@
-"""Real daemon processes for end-to-end tests: `anvil-compute serve` in a subprocess."""
+"""Fixtures for end-to-end tests: real daemon processes against the test PostgreSQL."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from daemon.client import ComputeClient
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Peer:
-    data_dir: Path
-    address: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    extra_config: str = ""
-    env: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def token(self) -> str:
-        return (self.data_dir / "client.token").read_text().strip()
-
-    @property
-    def peer_id(self) -> str:
-        return (self.data_dir / "peer_id").read_text().strip()
-
-    def client(self) -> ComputeClient:
-        return ComputeClient(self.address, token=self.token)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def terminate(self, timeout: float = 60) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(30)
-
-
-def wait_serving(address: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
-    deadline = time.monotonic() + 60
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"peer exited with {process.returncode}:\n{log_path.read_text()[-4000:]}"
-                )
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise TimeoutError(f"peer at {address} never became SERVING:\n{log_path.read_text()[-4000:]}")
-
-
-class PeerFactory:
-    def __init__(self, root: Path, database_url: str, secret_file: Path) -> None:
-        self.root = root
-        self.database_url = database_url
-        self.secret_file = secret_file
-        self.peers: list[Peer] = []
-
-    def start(self, *, config: str = "", name: str | None = None, **env: str) -> Peer:
-        name = name or f"peer{len(self.peers)}"
-        data_dir = self.root / name
-        data_dir.mkdir(parents=True, exist_ok=True)
-        config_file = data_dir / "config.toml"
-        config_file.write_text(config)
-        port = free_port()
-        address = f"127.0.0.1:{port}"
-        log_path = data_dir / "daemon.log"
-        environ = {
-            **os.environ,
-            "ANVIL_DATABASE_URL": self.database_url,
-            "ANVIL_AUTH_SECRET_FILE": str(self.secret_file),
-            "ANVIL_LEASE_S": "3",
-            "ANVIL_HEARTBEAT_S": "0.5",
-            "ANVIL_PEER_TTL_S": "3",
-            "ANVIL_POLL_INTERVAL_S": "0.5",
-            "ANVIL_DRAIN_GRACE_S": "10",
-            **env,
-        }
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "daemon.cli",
-                    "serve",
-                    "--data-dir",
-                    str(data_dir),
-                    "--listen",
-                    address,
-                    "--config",
-                    str(config_file),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=environ,
-            )
-        peer = Peer(data_dir=data_dir, address=address, process=process, log_path=log_path)
-        self.peers.append(peer)
-        wait_serving(address, process, log_path)
-        return peer
-
-    def stop_all(self) -> None:
-        for peer in self.peers:
-            try:
-                peer.terminate(timeout=30)
-            except subprocess.TimeoutExpired:
-                peer.kill()
+from tests.e2e.cluster import Peer, PeerFactory
 
 
 @pytest.fixture

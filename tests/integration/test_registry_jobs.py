@@ -307,7 +307,7 @@ async def test_unknown_job_and_bad_input_raise_typed_errors(registry: Registry) 
     with pytest.raises(InvalidArgument, match="capability must not be empty"):
         spec(capability="")
     with pytest.raises(InvalidArgument, match="timeout_ms"):
-        spec(timeout_ms=0)
+        spec(timeout_ms=-1)
     with pytest.raises(InvalidArgument, match="max_attempts"):
         spec(max_attempts=0)
     peer = uuid.uuid4()

@@ -1,0 +1,1 @@
+"""The digits model and sample images, packaged as daemon.guest_models."""
