@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "daemon.commands.demo",
     "daemon.commands.jobs",
     "daemon.commands.objects",
+    "daemon.commands.run",
     "daemon.commands.migrate",
 )
 

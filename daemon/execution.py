@@ -39,3 +39,7 @@ class JobExecutor(Protocol):
     async def execute(self, request: ExecutionRequest) -> ExecutionOutcome:
         """Run one attempt under its limits. Cancelling the call kills the guest."""
         ...
+
+    async def close(self) -> None:
+        """Stop the executor's workers (the node calls it last on shutdown)."""
+        ...

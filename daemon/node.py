@@ -128,6 +128,8 @@ class Node:
         self._cleanup.append(links.close)
 
         executors = await self._executor_factory(s)
+        for executor in executors.values():
+            self._cleanup.append(executor.close)
         capabilities = {c.name: c for c in s.capabilities}
         self.runner = runner = Runner(
             registry=registry,

@@ -1,0 +1,96 @@
+"""The job runner's view of the WASM executor: `ExecutionRequest` in, `ExecutionOutcome` out."""
+
+from __future__ import annotations
+
+import os
+
+from daemon.config import Settings
+from daemon.exceptions import AnvilError
+from daemon.execution import ExecutionOutcome, ExecutionRequest
+from daemon.executors.limits import Limits
+from daemon.executors.result import ExecutionResult, Outcome
+from daemon.executors.wasm import WasmExecutor
+from daemon.executors.worker_pool import PoolSettings
+from daemon.jobstate import JobState
+
+
+class WasmJobExecutor:
+    """Runs `wasm` capabilities in a pool of sandbox workers (one per core, at most 8)."""
+
+    def __init__(self, executor: WasmExecutor) -> None:
+        self.executor = executor
+
+    @classmethod
+    async def create(cls, settings: Settings) -> WasmJobExecutor:
+        """Start the workers; the module cache lives in the data directory."""
+        executor = WasmExecutor(
+            PoolSettings(
+                workers=max(1, min(8, os.cpu_count() or 1)),
+                cache_dir=settings.data_dir / "wasm-cache",
+            ),
+            scratch_dir=settings.data_dir / "wasm-scratch",
+        )
+        await executor.start()
+        return cls(executor)
+
+    async def close(self) -> None:
+        await self.executor.close()
+
+    async def execute(self, request: ExecutionRequest) -> ExecutionOutcome:
+        """Run one attempt under the capability's limits. Cancelling the call kills the guest."""
+        cap = request.capability
+        if request.module_path is None:
+            return ExecutionOutcome(state=JobState.FAILED, error="no module for a wasm job")
+        try:
+            limits = job_limits(
+                self.executor.default_limits,
+                fuel=cap.limits.fuel,
+                memory_mib=cap.limits.memory_mib,
+                timeout_s=request.timeout_s,
+            )
+            result = await self.executor.run(
+                request.module_path,
+                digest=cap.module_sha256 or None,
+                output_dir=request.output_dir,
+                inputs=request.inputs,
+                params=request.params,
+                limits=limits,
+                program=cap.name,
+            )
+        except AnvilError as exc:
+            return ExecutionOutcome(state=JobState.FAILED, error=str(exc))
+        return outcome_of(result)
+
+
+def job_limits(defaults: Limits, *, fuel: int, memory_mib: int, timeout_s: float) -> Limits:
+    """The defaults with the capability's and the job's values (0 = keep the default)."""
+    return defaults.with_overrides(
+        fuel=fuel or None,
+        memory_mib=memory_mib or None,
+        timeout_s=timeout_s if timeout_s > 0 else None,
+    )
+
+
+def outcome_of(result: ExecutionResult) -> ExecutionOutcome:
+    """Map an executor result to a job state and the error a submitter sees.
+
+    A guest that exits non-zero explains itself on stderr (guest_modules/GUIDE.md):
+    that text is the error. Any other failure is explained by the sandbox.
+    """
+    if result.succeeded:
+        state, error = JobState.SUCCEEDED, ""
+    elif result.outcome is Outcome.TIMED_OUT:
+        state, error = JobState.TIMED_OUT, result.message
+    else:
+        state, error = JobState.FAILED, result.message
+        guest_says = result.stderr.decode("utf-8", "replace").strip()
+        if result.outcome is Outcome.NONZERO_EXIT and guest_says:
+            error = guest_says[-2000:]
+    return ExecutionOutcome(
+        state=state,
+        stdout=result.stdout,
+        stderr=result.stderr,
+        exit_code=result.exit_code,
+        error=error,
+        output_files=tuple(f.path for f in result.outputs),
+    )

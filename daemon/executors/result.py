@@ -1,0 +1,159 @@
+"""What one sandboxed run ended with: a typed, executor-neutral result.
+
+Shared by every executor (wasmtime today, Podman later): the daemon maps an
+`Outcome` to a job state and shows `message` to the submitter as is.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+
+class Outcome(enum.Enum):
+    """Why a run ended. Only `OK` is a success."""
+
+    OK = "ok"
+    NONZERO_EXIT = "nonzero_exit"
+    TRAPPED = "trapped"
+    OUT_OF_FUEL = "out_of_fuel"
+    TIMED_OUT = "timed_out"
+    MEMORY_LIMIT = "memory_limit"
+    OUTPUT_TOO_LARGE = "output_too_large"
+    INVALID_MODULE = "invalid_module"
+    # The sandbox itself failed (worker process died unexpectedly): not the guest's doing.
+    CRASHED = "crashed"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OutputFile:
+    """A regular file the guest left in its output folder."""
+
+    name: str  # relative to the output folder, '/'-separated
+    path: Path  # where it is on the host
+    size: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ExecutionResult:
+    """One run's end: outcome, a message a guest author can act on, and what it produced."""
+
+    outcome: Outcome
+    message: str
+    exit_code: int | None = None
+    trap_code: str | None = None  # e.g. "stack_overflow", "unreachable" (TRAPPED only)
+    stdout: bytes = b""
+    stderr: bytes = b""
+    outputs: tuple[OutputFile, ...] = field(default_factory=tuple)
+    duration_s: float = 0.0
+    fuel_consumed: int | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.outcome is Outcome.OK
+
+    def with_capture(
+        self,
+        *,
+        stdout: bytes,
+        stderr: bytes,
+        duration_s: float,
+        fuel_consumed: int | None,
+    ) -> ExecutionResult:
+        """This result with what the run printed and how long and how much fuel it took."""
+        return replace(
+            self,
+            stdout=stdout,
+            stderr=stderr,
+            duration_s=duration_s,
+            fuel_consumed=fuel_consumed,
+        )
+
+    def with_outputs(self, outputs: tuple[OutputFile, ...]) -> ExecutionResult:
+        return replace(self, outputs=outputs)
+
+
+def ok() -> ExecutionResult:
+    return ExecutionResult(outcome=Outcome.OK, message="ok", exit_code=0)
+
+
+def nonzero_exit(code: int) -> ExecutionResult:
+    return ExecutionResult(
+        outcome=Outcome.NONZERO_EXIT,
+        message=f"guest exited with code {code}",
+        exit_code=code,
+    )
+
+
+def trapped(trap_code: str | None, reason: str) -> ExecutionResult:
+    label = trap_code or "host error"
+    return ExecutionResult(
+        outcome=Outcome.TRAPPED,
+        message=f"guest trapped ({label}): {reason}",
+        trap_code=trap_code,
+    )
+
+
+def out_of_fuel(fuel: int) -> ExecutionResult:
+    return ExecutionResult(
+        outcome=Outcome.OUT_OF_FUEL,
+        message=f"guest ran out of fuel (limit {fuel:,} units)",
+    )
+
+
+def timed_out(timeout_s: float, *, killed: bool) -> ExecutionResult:
+    how = (
+        "killed while blocked in a host call (sleep, stdin read, ...)"
+        if killed
+        else "interrupted at its wall-clock deadline"
+    )
+    return ExecutionResult(
+        outcome=Outcome.TIMED_OUT,
+        message=f"guest timed out after {timeout_s:g} s: {how}",
+    )
+
+
+def memory_limit(limit_bytes: int, detail: str) -> ExecutionResult:
+    return ExecutionResult(
+        outcome=Outcome.MEMORY_LIMIT,
+        message=f"guest hit its memory limit of {_mib(limit_bytes)}: {detail}",
+    )
+
+
+def output_too_large(detail: str) -> ExecutionResult:
+    return ExecutionResult(
+        outcome=Outcome.OUTPUT_TOO_LARGE,
+        message=f"guest output too large: {detail}; the job fails rather than keep a "
+        "truncated result",
+    )
+
+
+def stream_too_large(stream: str, cap_bytes: int) -> ExecutionResult:
+    return output_too_large(f"more than {size_text(cap_bytes)} written to {stream}")
+
+
+def invalid_module(reason: str) -> ExecutionResult:
+    return ExecutionResult(
+        outcome=Outcome.INVALID_MODULE,
+        message=f"invalid module: {reason}",
+    )
+
+
+def crashed(reason: str) -> ExecutionResult:
+    return ExecutionResult(
+        outcome=Outcome.CRASHED,
+        message=f"sandbox failed: {reason}",
+    )
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):g} MiB"
+
+
+def size_text(n: int) -> str:
+    if n >= 1 << 20:
+        return _mib(n)
+    if n >= 1 << 10:
+        return f"{n / (1 << 10):g} KiB"
+    return f"{n} bytes"

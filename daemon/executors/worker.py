@@ -1,0 +1,117 @@
+"""A sandbox worker process: `python -m daemon.executors.worker`, driven over stdin/stdout.
+
+Runs one guest at a time in its own Sandbox (its own Engine and module cache).
+The daemon kills it when a guest overstays its deadline and starts another.
+It exits on end of input, and dies with its parent (no orphaned guests).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+from daemon.exceptions import AnvilError
+from daemon.executors import protocol
+from daemon.executors.engine import EngineSettings
+from daemon.executors.sandbox import Sandbox
+
+_PR_SET_PDEATHSIG = 1
+
+
+def read_message(stream: IO[bytes]) -> tuple[dict[str, Any], list[bytes]] | None:
+    """The next message and its blobs, or None at a clean end of input."""
+    header = stream.read(protocol.HEADER.size)
+    if not header:
+        return None
+    head = protocol.parse_head(_read_exactly(stream, protocol.frame_length(_full(header))))
+    blobs = []
+    for _ in range(head["blobs"]):
+        length = protocol.frame_length(_read_exactly(stream, protocol.HEADER.size))
+        blobs.append(_read_exactly(stream, length))
+    return head, blobs
+
+
+def _full(header: bytes) -> bytes:
+    if len(header) != protocol.HEADER.size:
+        raise protocol.ProtocolError("input ended inside a frame header")
+    return header
+
+
+def _read_exactly(stream: IO[bytes], n: int) -> bytes:
+    data = stream.read(n)
+    if len(data) != n:
+        raise protocol.ProtocolError("input ended inside a frame")
+    return data
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL us when the daemon dies, so no guest outlives it."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent is already gone
+        sys.exit(0)
+
+
+def _sandbox_from_hello(head: dict[str, Any]) -> Sandbox:
+    if head.get("type") != "hello":
+        raise protocol.ProtocolError("expected hello")
+    cache_dir = head["cache_dir"]
+    secret = head["cache_secret"]
+    return Sandbox(
+        EngineSettings(**head["engine"]),
+        cache_dir=None if cache_dir is None else Path(cache_dir),
+        cache_secret=None if secret is None else bytes.fromhex(secret),
+        memory_cache_entries=int(head["memory_cache_entries"]),
+        memory_cache_bytes=int(head["memory_cache_bytes"]),
+        max_module_bytes=int(head["max_module_bytes"]),
+    )
+
+
+def serve(inp: IO[bytes], out: IO[bytes]) -> int:
+    """The worker loop: hello → ready, then run after run until end of input."""
+
+    def send(data: bytes) -> None:
+        out.write(data)
+        out.flush()
+
+    first = read_message(inp)
+    if first is None:
+        return 0
+    with _sandbox_from_hello(first[0]) as sandbox:
+        send(protocol.message("ready", pid=os.getpid()))
+        while (received := read_message(inp)) is not None:
+            head, _ = received
+            if head["type"] != "run":
+                raise protocol.ProtocolError(f"unexpected {head['type']!r} message")
+            request = protocol.request_from(head)
+            try:
+                result = sandbox.run(request, on_started=lambda: send(protocol.message("started")))
+            except AnvilError as exc:
+                send(protocol.error_message(exc))
+                continue
+            send(protocol.result_message(result, sandbox.cache.memory.keys()))
+    return 0
+
+
+def main() -> int:
+    _die_with_parent()
+    # Ctrl-C at a terminal reaches the whole process group: the daemon decides.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Keep the protocol on private descriptors; anything else that writes to
+    # stdout (a library's print) lands on stderr instead of corrupting a frame.
+    inp = os.fdopen(os.dup(0), "rb")
+    out = os.fdopen(os.dup(1), "wb")
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(2, 1)
+    os.close(devnull)
+    return serve(inp, out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

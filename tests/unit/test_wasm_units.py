@@ -1,0 +1,424 @@
+"""The WASM executor's pure parts: limits, LRU, sealing, protocol, classification, staging."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+from wasmtime import TrapCode
+
+from daemon import exceptions
+from daemon.commands import run as run_command
+from daemon.executors import protocol, staging
+from daemon.executors import result as results
+from daemon.executors.engine import EngineSettings, engine_key
+from daemon.executors.job_executor import job_limits, outcome_of
+from daemon.executors.limits import MIB, WASM_PAGE, Limits, epoch_ticks, memory_exhausted
+from daemon.executors.lru import LruCache
+from daemon.executors.module_cache import seal, unseal, wasmtime_reason
+from daemon.executors.result import ExecutionResult, Outcome, OutputFile
+from daemon.executors.sandbox import RunRequest, blame_memory, classify_error, classify_trap
+from daemon.executors.wasm import with_outputs
+from daemon.executors.worker import read_message, serve
+from daemon.executors.worker_pool import worker_environment
+from daemon.jobstate import JobState
+
+# --- limits ------------------------------------------------------------------
+
+
+def test_default_limits_match_the_issue() -> None:
+    limits = Limits()
+    assert limits.stdout_bytes == MIB
+    assert limits.stderr_bytes == 64 * 1024
+    assert limits.fuel > 0
+    assert limits.instances == 1
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"fuel": 0},
+        {"fuel": -1},
+        {"fuel": True},
+        {"timeout_s": 0},
+        {"timeout_s": math.inf},
+        {"timeout_s": math.nan},
+        {"memory_bytes": 1000},
+        {"memory_bytes": 5 << 30},
+        {"stdout_bytes": -1},
+        {"tables": 1.5},
+    ],
+)
+def test_limits_refuse_bad_values(bad: dict[str, object]) -> None:
+    with pytest.raises(exceptions.InvalidArgument):
+        Limits(**bad)  # type: ignore[arg-type]
+
+
+def test_limit_overrides_keep_defaults_for_none() -> None:
+    base = Limits(fuel=10, timeout_s=5, memory_bytes=64 * MIB)
+    assert base.with_overrides() == base
+    changed = base.with_overrides(fuel=20, timeout_s=1.5, memory_mib=2)
+    assert (changed.fuel, changed.timeout_s, changed.memory_bytes) == (20, 1.5, 2 * MIB)
+    with pytest.raises(exceptions.InvalidArgument):
+        base.with_overrides(memory_mib=0.001)
+
+
+def test_epoch_ticks_are_never_early() -> None:
+    assert epoch_ticks(1.0, 0.01) == 101
+    assert epoch_ticks(0.0101, 0.01) == 3
+    assert epoch_ticks(0.000001, 0.01) == 2
+
+
+def test_memory_exhausted_within_one_growth_step_of_the_limit() -> None:
+    limit = 32 * MIB
+    assert memory_exhausted(limit, limit)
+    assert memory_exhausted(limit - MIB, limit)  # within 1/16
+    assert not memory_exhausted(limit - 4 * MIB, limit)
+    assert memory_exhausted(WASM_PAGE, WASM_PAGE)
+    assert not memory_exhausted(0, 2 * WASM_PAGE)
+
+
+# --- LRU ---------------------------------------------------------------------
+
+
+def test_lru_evicts_least_recently_used_by_count() -> None:
+    lru: LruCache[str, int] = LruCache(max_entries=2, max_bytes=100)
+    lru.put("a", 1, 1)
+    lru.put("b", 2, 1)
+    assert lru.get("a") == 1  # a is now the most recent
+    lru.put("c", 3, 1)
+    assert lru.keys() == ["a", "c"]
+    assert lru.get("b") is None
+
+
+def test_lru_evicts_by_bytes_and_skips_oversized_values() -> None:
+    lru: LruCache[str, str] = LruCache(max_entries=10, max_bytes=10)
+    lru.put("a", "a", 4)
+    lru.put("b", "b", 4)
+    lru.put("c", "c", 4)
+    assert lru.keys() == ["b", "c"]
+    assert lru.total_bytes == 8
+    lru.put("huge", "h", 11)
+    assert "huge" not in lru
+    assert lru.keys() == ["b", "c"]
+    lru.put("b", "b2", 1)  # replacing updates the size
+    assert lru.total_bytes == 5
+    assert lru.pop("c") == "c"
+    assert len(lru) == 1
+
+
+# --- sealing -----------------------------------------------------------------
+
+
+def test_seal_round_trip_and_every_mismatch_refused() -> None:
+    secret, key, payload = b"s" * 32, "digest\nengine", b"compiled code"
+    blob = seal(secret, key, payload)
+    assert unseal(secret, key, blob) == payload
+    assert unseal(b"t" * 32, key, blob) is None
+    assert unseal(secret, "other\nengine", blob) is None
+    for i in range(len(blob)):
+        damaged = bytearray(blob)
+        damaged[i] ^= 0x80
+        assert unseal(secret, key, bytes(damaged)) is None
+    assert unseal(secret, key, blob[:-1]) is None
+    assert unseal(secret, key, b"") is None
+    assert unseal(secret, key, payload) is None
+
+
+def test_engine_key_changes_with_engine_settings() -> None:
+    assert engine_key(EngineSettings()) == engine_key(EngineSettings())
+    assert engine_key(EngineSettings()) != engine_key(EngineSettings(max_wasm_stack=1 << 16))
+    assert "wasmtime 50." in engine_key(EngineSettings())
+
+
+# --- classification ----------------------------------------------------------
+
+
+def test_wasmtime_reason_keeps_the_cause_and_drops_the_backtrace() -> None:
+    trap = (
+        "error while executing at wasm backtrace:\n    0:     0x31 - <unknown>!f\n\n"
+        "Caused by:\n    wasm trap: call stack exhausted\n"
+    )
+    assert wasmtime_reason(trap) == "wasm trap: call stack exhausted"
+    parse = "failed to parse WebAssembly module\n\nCaused by:\n    0: bad magic\n"
+    assert wasmtime_reason(parse) == "failed to parse WebAssembly module: bad magic"
+    assert wasmtime_reason("one line") == "one line"
+    assert wasmtime_reason("") == "unknown error"
+
+
+def test_traps_map_to_typed_outcomes() -> None:
+    limits = Limits(fuel=99, timeout_s=2)
+    fuel = classify_trap(TrapCode.OUT_OF_FUEL, "x", limits)
+    assert fuel.outcome is Outcome.OUT_OF_FUEL
+    assert "99" in fuel.message
+    timed = classify_trap(TrapCode.INTERRUPT, "x", limits)
+    assert timed.outcome is Outcome.TIMED_OUT
+    assert "2 s" in timed.message
+    trap = classify_trap(TrapCode.UNREACHABLE, "wasm trap: unreachable", limits)
+    assert (trap.outcome, trap.trap_code) == (Outcome.TRAPPED, "unreachable")
+    assert classify_trap(None, "host", limits).trap_code is None
+
+
+def test_errors_map_to_typed_outcomes() -> None:
+    limits = Limits()
+    memory = classify_error("memory minimum size of 9 pages exceeds memory limits", limits, True)
+    assert memory.outcome is Outcome.MEMORY_LIMIT
+    table = classify_error("table minimum size of 10 elements exceeds table limits", limits, True)
+    assert table.outcome is Outcome.INVALID_MODULE
+    host = classify_error("some host error", limits, False)
+    assert host.outcome is Outcome.TRAPPED
+
+
+def test_failures_at_the_memory_limit_are_blamed_on_memory() -> None:
+    trapped = results.trapped("unreachable", "boom")
+    blamed = blame_memory(trapped, 32 * MIB, 32 * MIB)
+    assert blamed.outcome is Outcome.MEMORY_LIMIT
+    assert "boom" in blamed.message
+    assert blame_memory(trapped, MIB, 32 * MIB) is trapped
+    hinted = blame_memory(trapped, 20 * MIB, 32 * MIB)
+    assert hinted.outcome is Outcome.TRAPPED
+    assert hinted.message.endswith("(its memory was at 20 MiB of its 32 MiB limit)")
+
+
+def test_result_messages_are_clear() -> None:
+    assert results.ok().succeeded
+    assert results.nonzero_exit(3).exit_code == 3
+    assert "1 MiB" in results.stream_too_large("stdout", MIB).message
+    assert "64 KiB" in results.stream_too_large("stderr", 64 * 1024).message
+    assert results.size_text(12) == "12 bytes"
+    assert "killed" in results.timed_out(1, killed=True).message
+    assert results.invalid_module("x").message == "invalid module: x"
+    assert not results.crashed("x").succeeded
+
+
+def test_outputs_over_their_limits_fail_a_successful_run(tmp_path: Path) -> None:
+    files = tuple(OutputFile(name=f"f{i}", path=tmp_path / f"f{i}", size=10) for i in range(3))
+    ok = results.ok().with_capture(stdout=b"o", stderr=b"", duration_s=1, fuel_consumed=5)
+    assert with_outputs(ok, files, Limits()).outputs == files
+    many = with_outputs(ok, files, Limits(output_files=2))
+    assert many.outcome is Outcome.OUTPUT_TOO_LARGE
+    assert many.stdout == b"o"
+    assert many.outputs == files
+    big = with_outputs(ok, files, Limits(output_bytes=29))
+    assert big.outcome is Outcome.OUTPUT_TOO_LARGE
+    failed = results.nonzero_exit(1)
+    assert with_outputs(failed, files, Limits(output_files=0)).outcome is Outcome.NONZERO_EXIT
+
+
+# --- protocol ----------------------------------------------------------------
+
+
+def _request(tmp_path: Path) -> RunRequest:
+    return RunRequest(
+        digest="ab" * 32,
+        module_path=tmp_path / "m.wasm",
+        argv=("guest", "k=v"),
+        env=(("k", "v"),),
+        stdin_path=tmp_path / "in" / "0",
+        input_dir=tmp_path / "in",
+        output_dir=tmp_path / "out",
+        limits=Limits(fuel=7, timeout_s=0.25),
+    )
+
+
+def _split(data: bytes) -> tuple[dict[str, object], list[bytes]]:
+    message = read_message(io.BytesIO(data))
+    assert message is not None
+    return message
+
+
+def test_requests_and_results_round_trip(tmp_path: Path) -> None:
+    request = _request(tmp_path)
+    head, _ = _split(protocol.message("run", **protocol.request_fields(request)))
+    assert protocol.request_from(head) == request  # type: ignore[arg-type]
+
+    result = results.trapped("stack_overflow", "deep").with_capture(
+        stdout=b"\x00\xffout", stderr=b"err", duration_s=0.5, fuel_consumed=12
+    )
+    head, blobs = _split(protocol.result_message(result, ["d1"]))
+    assert head["cached"] == ["d1"]
+    assert protocol.result_from(head, *blobs) == result  # type: ignore[arg-type]
+
+
+def test_worker_errors_map_back_to_daemon_errors_only() -> None:
+    head, _ = _split(protocol.error_message(exceptions.DigestMismatch("bad bytes")))
+    error = protocol.error_from(head)  # type: ignore[arg-type]
+    assert type(error) is exceptions.DigestMismatch
+    assert str(error) == "bad bytes"
+    for name in ["SystemExit", "ErrorCode", "nope"]:
+        assert type(protocol.error_from({"error": name, "text": "t"})) is exceptions.AnvilError
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"not json", b"[1, 2]", b'{"no": "type"}', b'{"type": "x", "blobs": 7}'],
+)
+def test_malformed_messages_are_protocol_errors(payload: bytes) -> None:
+    with pytest.raises(protocol.ProtocolError):
+        protocol.parse_head(payload)
+
+
+def test_frames_are_bounded_and_truncation_is_detected() -> None:
+    with pytest.raises(protocol.ProtocolError):
+        protocol.frame_length(protocol.HEADER.pack(protocol.MAX_FRAME + 1))
+    data = protocol.message("x", (b"blob",))
+    with pytest.raises(protocol.ProtocolError):
+        read_message(io.BytesIO(data[:-1]))
+    assert read_message(io.BytesIO(b"")) is None
+
+
+def test_worker_loop_in_process(tmp_path: Path) -> None:
+    """hello → ready; a run whose module is garbage → started never sent, a typed result."""
+    module = tmp_path / "m.wasm"
+    module.write_bytes(b"garbage")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    request = dataclasses.replace(
+        _request(tmp_path), digest=hashlib.sha256(b"garbage").hexdigest(), stdin_path=None
+    )
+    hello = protocol.message(
+        "hello",
+        cache_dir=None,
+        cache_secret=None,
+        engine={"max_wasm_stack": 1 << 20, "epoch_tick_s": 0.01, "parallel_compilation": False},
+        memory_cache_entries=4,
+        memory_cache_bytes=1 << 20,
+        max_module_bytes=1 << 20,
+    )
+    bad_digest = protocol.message(
+        "run", **{**protocol.request_fields(request), "digest": "00" * 32}
+    )
+    run = protocol.message("run", **protocol.request_fields(request))
+    out = io.BytesIO()
+    assert serve(io.BytesIO(hello + bad_digest + run), out) == 0
+    replies = io.BytesIO(out.getvalue())
+    kinds = []
+    while (message := read_message(replies)) is not None:
+        kinds.append(message[0]["type"])
+        last = message
+    assert kinds == ["ready", "error", "result"]
+    assert last[0]["outcome"] == "invalid_module"
+
+
+# --- staging -----------------------------------------------------------------
+
+
+def test_params_keep_their_order_and_refuse_bad_names() -> None:
+    assert staging.param_pairs({"b": "1", "a": "2"}) == (("b", "1"), ("a", "2"))
+    assert staging.param_pairs([("k", "v=w")]) == (("k", "v=w"),)
+    for bad in [[("", "v")], [("a=b", "v")], [("a", "v\0")]]:
+        with pytest.raises(exceptions.InvalidArgument):
+            staging.param_pairs(bad)
+
+
+def test_stage_inputs_links_them_as_0_1_2(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    a = tmp_path / "src" / "a.txt"
+    a.write_text("A")
+    target = tmp_path / "staged"
+    target.mkdir()
+    staged = staging.stage_inputs([a, a], target)
+    assert [p.name for p in staged] == ["0", "1"]
+    assert os.path.samefile(staged[0], a)
+    with pytest.raises(exceptions.InvalidArgument, match="not a readable file"):
+        staging.stage_inputs([tmp_path / "src"], tmp_path / "other")
+
+
+def test_params_become_argv_and_env_as_the_guide_says() -> None:
+    pairs = (("group_by", "city"), ("n", "3"), ("café", "x"))
+    assert staging.guest_argv("data:csv", pairs) == (
+        "data:csv",
+        "--group_by=city",
+        "--n=3",
+        "--café=x",
+    )
+    assert staging.guest_env(pairs) == (
+        ("ANVIL_PARAM_GROUP_BY", "city"),
+        ("ANVIL_PARAM_N", "3"),
+        ("ANVIL_PARAM_CAF__", "x"),  # each byte of 'é' outside [A-Za-z0-9]
+    )
+
+
+def test_collect_outputs_keeps_regular_files_and_removes_links(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "top.txt").write_text("12345")
+    (tmp_path / "sub" / "inner.bin").write_bytes(b"\0" * 3)
+    (tmp_path / "link").symlink_to("/etc/passwd")
+    (tmp_path / "dirlink").symlink_to(tmp_path / "sub")
+    found = staging.collect_outputs(tmp_path)
+    assert [(f.name, f.size) for f in found] == [("sub/inner.bin", 3), ("top.txt", 5)]
+    assert not (tmp_path / "link").exists()
+    assert not (tmp_path / "dirlink").is_symlink()
+
+
+def test_check_empty_dir(tmp_path: Path) -> None:
+    staging.check_empty_dir(tmp_path)
+    (tmp_path / "x").write_text("")
+    with pytest.raises(exceptions.InvalidArgument, match="not empty"):
+        staging.check_empty_dir(tmp_path)
+    with pytest.raises(exceptions.InvalidArgument, match="does not exist"):
+        staging.check_empty_dir(tmp_path / "missing")
+
+
+# --- the CLI's and the runner's mapping --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("result", "status"),
+    [
+        (results.ok(), 0),
+        (results.nonzero_exit(9), 9),
+        (results.timed_out(1, killed=False), 124),
+        (results.out_of_fuel(1), 125),
+        (results.invalid_module("x"), 125),
+        (results.crashed("x"), 125),
+    ],
+)
+def test_cli_exit_status(result: ExecutionResult, status: int) -> None:
+    assert run_command.exit_status(result) == status
+
+
+def test_cli_param_parsing() -> None:
+    assert run_command._param("k=v=w") == ("k", "v=w")
+    assert run_command._param("k=") == ("k", "")
+
+
+def test_job_limits_take_the_capabilitys_and_the_jobs_values() -> None:
+    defaults = Limits()
+    assert job_limits(defaults, fuel=0, memory_mib=0, timeout_s=0) == defaults
+    limits = job_limits(defaults, fuel=5, memory_mib=8, timeout_s=2.5)
+    assert (limits.fuel, limits.memory_bytes, limits.timeout_s) == (5, 8 * MIB, 2.5)
+
+
+def test_job_states_from_outcomes(tmp_path: Path) -> None:
+    ok = results.ok().with_outputs((OutputFile(name="a", path=tmp_path / "a", size=1),))
+    assert outcome_of(ok).state is JobState.SUCCEEDED
+    assert outcome_of(ok).error == ""
+    assert outcome_of(ok).output_files == (tmp_path / "a",)
+    assert outcome_of(results.timed_out(1, killed=True)).state is JobState.TIMED_OUT
+    failed = outcome_of(results.out_of_fuel(5))
+    assert failed.state is JobState.FAILED
+    assert "fuel" in failed.error
+    exited = results.nonzero_exit(1).with_capture(
+        stdout=b"", stderr=b"text:wc: line 7: bad\n", duration_s=0, fuel_consumed=1
+    )
+    assert outcome_of(exited).error == "text:wc: line 7: bad"
+    assert outcome_of(results.nonzero_exit(2)).error == "guest exited with code 2"
+
+
+def test_results_are_json_safe_over_the_wire() -> None:
+    head, _ = _split(protocol.result_message(results.ok(), []))
+    assert json.loads(json.dumps(head)) == head
+
+
+def test_workers_inherit_no_daemon_secrets() -> None:
+    env = worker_environment(
+        {"PATH": "/bin", "PYTHONPATH": "/src", "ANVIL_DATABASE_URL": "postgres://u:pw@h/db"}
+    )
+    assert env == {"PATH": "/bin", "PYTHONPATH": "/src"}
