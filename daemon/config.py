@@ -71,10 +71,28 @@ def _optional_listen(value: Any) -> str | None:
     return None if value in (None, "") else _listen(value)
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _log_level(value: Any) -> str:
+    if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}")
+    return value.lower()
+
+
 def _positive_float(value: Any) -> float:
     number = float(value)
     if not number > 0:
         raise ValueError("expected a positive number")
+    return number
+
+
+def _non_negative_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected an integer >= 0")
+    number = int(value)
+    if number < 0:
+        raise ValueError("expected an integer >= 0")
     return number
 
 
@@ -112,7 +130,12 @@ class Settings:
     drain_grace_s: float
     cache_max_bytes: int
     max_inline_output: int
+    wasm_workers: int
+    max_running_jobs: int
+    podman_socket: str | None
     capabilities: tuple[LocalCapability, ...]
+    metrics_listen: str | None
+    log_level: str
 
     @property
     def embedded_database(self) -> bool:
@@ -176,11 +199,32 @@ FIELDS: dict[str, tuple[Callable[[Any], Any], Callable[[], Any], str]] = {
         lambda: 1024 * 1024,
         "stdout up to this size is stored inline; more becomes an object",
     ),
+    "max_running_jobs": (
+        _positive_int,
+        lambda: 32,
+        "jobs this peer runs at once over all capabilities (more stay queued here)",
+    ),
+    "wasm_workers": (
+        _non_negative_int,
+        lambda: 0,
+        "WASM worker processes (0 = one per core, at most 8)",
+    ),
+    "podman_socket": (
+        _optional_str,
+        lambda: None,
+        "Podman API socket for container capabilities (default /run/podman/podman.sock)",
+    ),
     "capabilities": (
         parse_capabilities,
         example_capabilities,
         "capability tables (default: the example guest modules)",
     ),
+    "metrics_listen": (
+        _optional_listen,
+        lambda: "127.0.0.1:9464",
+        "Prometheus /metrics HTTP address HOST:PORT; empty = no metrics server",
+    ),
+    "log_level": (_log_level, lambda: "info", "debug, info, warning, error or critical"),
 }
 assert set(FIELDS) == {f.name for f in dataclasses.fields(Settings)}
 

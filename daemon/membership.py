@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from daemon.exceptions import AnvilError
 from daemon.registry import Registry
 from daemon.registry.listener import MEMBERSHIP, Listener
-from daemon.registry.models import Capability
-from daemon.scheduler import CandidateSet, capable
+from daemon.registry.models import Capability, Peer
+from daemon.scheduler import Candidate, CandidateSet, capable
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,12 @@ class MembershipView:
         self._refresh_s = refresh_s
         self._load_refresh_s = load_refresh_s
         self._capabilities: list[Capability] = []
+        self._peers: list[Peer] = []
         self._sets: dict[_CacheKey, CandidateSet] = {}
+        self._stores: dict[str, CandidateSet] = {}
         self.loads: dict[uuid.UUID, int] = {}
+        # Bumped whenever `loads` is re-read, so candidate sets re-sync their arrays.
+        self.loads_version = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._changed = asyncio.Event()
 
@@ -64,11 +68,14 @@ class MembershipView:
 
     async def refresh(self) -> None:
         """Re-read capabilities and liveness; raise AnvilError if the registry is down."""
-        self._capabilities = await self._registry.capabilities.find(live_only=True)
-        self._sets = {}
+        capabilities = await self._registry.capabilities.find(live_only=True)
+        peers = await self._registry.peers.find(live_only=True)
+        self._capabilities, self._peers = capabilities, peers
+        self._sets, self._stores = {}, {}
 
     async def refresh_loads(self) -> None:
         self.loads = await self._registry.jobs.active_load()
+        self.loads_version += 1
 
     def candidates(
         self, capability: str, region: str, resources: Mapping[str, str]
@@ -82,8 +89,26 @@ class MembershipView:
             self._sets[key] = found
         return found
 
+    def store_peers(self, region: str) -> CandidateSet:
+        """Live peers of `region`: the built-in store places each object on the HRW
+        owner of its key among them, as jobs are placed, so a job keyed by its
+        input runs where the input is (cached)."""
+        found = self._stores.get(region)
+        if found is None:
+            found = CandidateSet(
+                [
+                    Candidate(peer_id=p.peer_id, address=p.address, max_concurrency=1, resources={})
+                    for p in self._peers
+                    if p.region == region
+                ]
+            )
+            self._stores[region] = found
+        return found
+
     def note_placed(self, peer_id: uuid.UUID) -> None:
         self.loads[peer_id] = self.loads.get(peer_id, 0) + 1
+        for candidates in self._sets.values():
+            candidates.bump(peer_id)
 
     def request_refresh(self) -> None:
         self._changed.set()

@@ -17,7 +17,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
 
+import grpc
 import jwt
+from grpc import aio
 
 from daemon import __version__, auth
 from daemon.config import Settings
@@ -34,10 +36,13 @@ from daemon.runner import Runner, RunnerOptions
 from daemon.server import Server, ServerOptions
 from daemon.services.compute import ComputeService, SubmitPolicy
 from daemon.services.peer import PeerService
+from daemon.storage.anvil_client import AnvilClient
 from daemon.storage.cache import DiskCache
+from daemon.storage.fabric import FORWARDED_HEADER, Fabric, Owner
+from daemon.storage.fabric_service import FabricObjectService
 from daemon.storage.fetcher import Fetcher
 from daemon.storage.local_store import LocalStore
-from daemon.storage.object_service import ObjectServiceServicer
+from daemon.storage.object_service import GRPC_OPTIONS
 from daemon.watch import JobEventHub
 
 log = logging.getLogger(__name__)
@@ -111,7 +116,6 @@ class Node:
         store = LocalStore(s.data_dir)
         cache = DiskCache(s.data_dir / "cache", max_bytes=s.cache_max_bytes)
         self._cleanup.append(lambda: asyncio.to_thread(cache.close))
-        fetcher = Fetcher(cache, local=store)
 
         if s.auth:
             self._secret = auth.load_or_create_secret(s.secret_path)
@@ -127,6 +131,19 @@ class Node:
         links = PeerLinks(token=self._peer_bearer, credentials=peer_credentials)
         self._cleanup.append(links.close)
 
+        def owners(key: str) -> list[Owner]:
+            order = view.store_peers(s.region).failover_order(key)
+            return [Owner(c.peer_id, c.address) for c in order]
+
+        fabric = Fabric(
+            store=store,
+            peer_id=peer_id,
+            owners=owners,
+            connect=lambda address: self._peer_store(address, peer_credentials),
+        )
+        self._cleanup.append(fabric.close)
+        fetcher = Fetcher(cache, local=store, anvil=fabric)
+
         executors = await self._executor_factory(s)
         for executor in executors.values():
             self._cleanup.append(executor.close)
@@ -137,13 +154,14 @@ class Node:
             capabilities=capabilities,
             executors=executors,
             fetcher=fetcher,
-            store=store,
+            fabric=fabric,
             hub=hub,
             options=RunnerOptions(
                 lease=timedelta(seconds=s.lease_s),
                 poll_interval_s=s.poll_interval_s,
                 max_inline_output=s.max_inline_output,
                 default_timeout_ms=s.default_timeout_ms,
+                max_running=s.max_running_jobs,
                 work_root=s.data_dir / "work",
             ),
         )
@@ -173,7 +191,7 @@ class Node:
                 policy=SubmitPolicy(balance=s.balance),
             ),
             peer=PeerService(peer_id=peer_id, region=s.region, worker=runner),
-            objects=ObjectServiceServicer(store),
+            objects=FabricObjectService(fabric),
         )
         await server.set_serving(False)
         await server.start()
@@ -218,15 +236,31 @@ class Node:
         if self._secret is None:
             return None
         now = time.time()
-        if self._peer_token is None or self._peer_token[1] - now < 60:
+        # Renewed well before expiry: a call may sit in a retry loop for minutes.
+        if self._peer_token is None or self._peer_token[1] - now < PEER_TOKEN_TTL_S / 4:
             token = auth.issue_token(
                 self._secret,
                 sub=f"peer:{self.peer_id}",
-                scopes=[auth.SCOPE_PEER],
+                scopes=[auth.SCOPE_PEER, auth.SCOPE_OBJECT_READ, auth.SCOPE_OBJECT_WRITE],
                 ttl_s=PEER_TOKEN_TTL_S,
             )
             self._peer_token = (token, now + PEER_TOKEN_TTL_S)
         return self._peer_token[0]
+
+    def _peer_store(self, address: str, credentials: grpc.ChannelCredentials | None) -> AnvilClient:
+        """A client of another peer's store; its calls are never forwarded again."""
+        channel = (
+            aio.secure_channel(address, credentials, options=list(GRPC_OPTIONS))
+            if credentials is not None
+            else aio.insecure_channel(address, options=list(GRPC_OPTIONS))
+        )
+
+        def metadata() -> list[tuple[str, str]]:
+            token = self._peer_bearer()
+            bearer = [("authorization", f"Bearer {token}")] if token else []
+            return [*bearer, (FORWARDED_HEADER, "1")]
+
+        return AnvilClient(channel, target=address, metadata=metadata, owns_channel=True)
 
     async def _heartbeat_loop(self) -> None:
         assert self.registry is not None and self.peer_id is not None

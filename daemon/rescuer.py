@@ -11,6 +11,7 @@ import logging
 import uuid
 from collections.abc import Callable
 
+from daemon import retry
 from daemon.exceptions import AnvilError
 from daemon.membership import MembershipView
 from daemon.registry import Registry
@@ -41,8 +42,16 @@ class Rescuer:
                 log.warning("rescue sweep failed: %s", exc)
 
     async def sweep(self) -> int:
-        """One pass: rescue expired leases, place unplaced jobs; return jobs moved."""
+        """One pass: mark silent peers down, take queued jobs off unavailable peers,
+        rescue expired leases (with backoff), place unplaced jobs; return jobs moved."""
         moved = 0
+        down = await self._registry.peers.mark_stale_down()
+        if down:
+            log.warning("peers stopped heartbeating, marked down: %s", down)
+            self._view.request_refresh()
+        moved += await self._registry.jobs.unplace_from_unavailable_peers(
+            peer_ttl=self._registry.peers.peer_ttl
+        )
         for lost in await self._registry.jobs.find_expired():
             candidates = self._view.candidates(lost.capability, lost.region, lost.resources)
             order = candidates.failover_order(lost.locality_key, exclude={lost.peer_id})
@@ -52,6 +61,7 @@ class Rescuer:
                 attempt=lost.attempt,
                 next_peer_id=target.peer_id if target else None,
                 error=f"lease expired on peer {lost.peer_id} during attempt {lost.attempt}",
+                backoff=retry.backoff(lost.attempt),
             )
             if job is None:
                 continue  # it finished or was renewed since the snapshot
@@ -63,7 +73,9 @@ class Rescuer:
             candidates = self._view.candidates(job.capability, job.region, job.resources)
             if not len(candidates):
                 continue
-            placement = candidates.place(job.locality_key, self._view.loads)
+            placement = candidates.place(
+                job.locality_key, self._view.loads, loads_version=self._view.loads_version
+            )
             try:
                 await self._registry.jobs.assign(job.job_id, placement.peer_id, from_peer_id=None)
             except AnvilError:

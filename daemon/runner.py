@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import shutil
 import time
@@ -21,15 +20,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import quote
 
+from daemon import metrics
 from daemon.capability_config import LocalCapability
 from daemon.exceptions import AnvilError, FailedPrecondition, RegistryUnavailable
 from daemon.execution import ExecutionOutcome, ExecutionRequest, JobExecutor
 from daemon.jobstate import JobState
 from daemon.registry import Registry
 from daemon.registry.models import Job, Outcome
+from daemon.storage.fabric import Fabric, count_remote_bytes
 from daemon.storage.fetcher import Fetcher
-from daemon.storage.local_store import LocalStore
 from daemon.watch import JobEventHub
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,10 @@ class RunnerOptions:
     poll_interval_s: float
     max_inline_output: int
     work_root: Path
+    # Jobs this peer runs at once, over all capabilities. Claiming more than the
+    # executors can run only adds leases to renew and tasks to schedule; the
+    # rest stay queued here (their placement does not change).
+    max_running: int = 32
     # Used when neither the job nor the capability sets a timeout.
     default_timeout_ms: int = 60_000
 
@@ -54,6 +59,9 @@ class _Running:
     task: asyncio.Task[None]
     # Set when this peer lost the job (cancelled, rescued); the result is dropped.
     lost: str = ""
+    # The attempt is over and its result is being written: the notification of
+    # that very write must not be mistaken for losing the job.
+    finishing: bool = False
 
 
 class Runner:
@@ -65,7 +73,7 @@ class Runner:
         capabilities: Mapping[str, LocalCapability],
         executors: Mapping[str, JobExecutor],
         fetcher: Fetcher,
-        store: LocalStore,
+        fabric: Fabric,
         hub: JobEventHub,
         options: RunnerOptions,
     ) -> None:
@@ -74,7 +82,7 @@ class Runner:
         self._capabilities = dict(capabilities)
         self._executors = dict(executors)
         self._fetcher = fetcher
-        self._store = store
+        self._fabric = fabric
         self._hub = hub
         self._options = options
         self._running: dict[uuid.UUID, _Running] = {}
@@ -107,8 +115,14 @@ class Runner:
         self.wake()
 
     async def drain(self, grace_s: float) -> None:
-        """Stop claiming; let running jobs finish within grace_s, hand back the rest."""
+        """Stop claiming; let running jobs finish within grace_s, hand back the rest.
+
+        Jobs still queued here are handed back at once, so other peers start them
+        while this one finishes what it runs.
+        """
         self._draining = True
+        with contextlib.suppress(AnvilError):
+            await self._registry.jobs.unplace_peer_queue(self._peer_id)
         pending = [r.task for r in self._running.values()]
         if pending:
             await asyncio.wait(pending, timeout=grace_s)
@@ -150,7 +164,10 @@ class Runner:
     async def _claim_free_slots(self) -> None:
         for name, cap in self._capabilities.items():
             while not self._draining:
-                free = cap.max_concurrency - self._per_capability[name]
+                free = min(
+                    cap.max_concurrency - self._per_capability[name],
+                    self._options.max_running - len(self._running),
+                )
                 if free <= 0:
                     break
                 jobs = await self._registry.jobs.claim_next(
@@ -163,13 +180,20 @@ class Runner:
 
     def _start(self, job: Job, cap: LocalCapability) -> None:
         self._per_capability[cap.name] += 1
+        metrics.JOBS_RUNNING.labels(cap.name).inc()
         task = asyncio.create_task(self._run(job, cap), name=f"job-{job.job_id}")
         self._running[job.job_id] = _Running(job=job, task=task)
 
-    def _on_job_event(self, job_id: uuid.UUID, state: str) -> None:
+    def _on_job_event(self, job_id: uuid.UUID, state: str, attempt: int) -> None:
         running = self._running.get(job_id)
-        if running is not None and state != JobState.RUNNING.value:
-            self._lose(running, f"job became {state} elsewhere")
+        if running is None or running.finishing:
+            return
+        ours = running.job.attempt
+        # An event about an earlier attempt (the job's insert, the claim before a
+        # rescue) is old news; only a change to our attempt, or a newer attempt
+        # elsewhere, means this peer no longer owns the job.
+        if attempt > ours or (attempt == ours and state != JobState.RUNNING.value):
+            self._lose(running, f"job became {state} (attempt {attempt}) elsewhere")
 
     def _lose(self, running: _Running, why: str) -> None:
         if not running.lost:
@@ -182,7 +206,11 @@ class Runner:
         lease_s = self._options.lease.total_seconds()
         while True:
             await asyncio.sleep(lease_s / 3)
-            owned = [(r.job.job_id, r.job.attempt) for r in self._running.values() if not r.lost]
+            owned = [
+                (r.job.job_id, r.job.attempt)
+                for r in self._running.values()
+                if not r.lost and not r.finishing
+            ]
             if not owned:
                 self._last_renewal = time.monotonic()
                 continue
@@ -199,16 +227,26 @@ class Runner:
                 continue
             self._last_renewal = time.monotonic()
             for job_id, _ in owned:
-                if job_id not in kept and job_id in self._running:
-                    self._lose(self._running[job_id], "lease lost (rescued or cancelled)")
+                current = self._running.get(job_id)
+                # A job finished by this peer since the snapshot is not lost.
+                if job_id not in kept and current is not None and not current.finishing:
+                    self._lose(current, "lease lost (rescued or cancelled)")
 
     # -- one job ---------------------------------------------------------------
     async def _run(self, job: Job, cap: LocalCapability) -> None:
         workdir = self._options.work_root / f"{job.job_id}-{job.attempt}"
+        began = time.monotonic()
+        outcome: Outcome | None = None
         try:
             outcome = await self._attempt(job, cap, workdir)
+            metrics.job_finished(cap.name, outcome.state, time.monotonic() - began)
+            running = self._running.get(job.job_id)
+            if running is not None:
+                running.finishing = True
             await self._finish(job, outcome)
         except asyncio.CancelledError:
+            if outcome is None:
+                metrics.JOBS_STOPPED.labels(cap.name).inc()
             running = self._running.get(job.job_id)
             log.info(
                 "job %s attempt %d stopped: %s",
@@ -218,6 +256,8 @@ class Runner:
             )
         except Exception:
             log.exception("job %s attempt %d crashed the runner", job.job_id, job.attempt)
+            if outcome is None:
+                metrics.job_finished(cap.name, JobState.FAILED, time.monotonic() - began)
             with contextlib.suppress(AnvilError):
                 await self._finish(
                     job, Outcome(state=JobState.FAILED, error="internal error on the peer")
@@ -225,6 +265,7 @@ class Runner:
         finally:
             self._running.pop(job.job_id, None)
             self._per_capability[cap.name] -= 1
+            metrics.JOBS_RUNNING.labels(cap.name).dec()
             await asyncio.to_thread(shutil.rmtree, workdir, True)
             self.wake()
 
@@ -234,10 +275,11 @@ class Runner:
         output_dir.mkdir()
         try:
             inputs = []
-            for index, ref in enumerate(job.inputs):
-                dest = input_dir / str(index)
-                await self._fetcher.fetch_to(ref, dest)
-                inputs.append(dest)
+            with count_remote_bytes() as remote:
+                for index, ref in enumerate(job.inputs):
+                    dest = input_dir / str(index)
+                    await self._fetcher.fetch_to(ref, dest)
+                    inputs.append(dest)
             module_path = await self._module(cap, workdir) if cap.kind == "wasm" else None
         except AnvilError as exc:
             return Outcome(state=JobState.FAILED, error=f"fetching inputs failed: {exc}")
@@ -258,7 +300,7 @@ class Runner:
                 / 1000,
             )
         )
-        return await self._persist(job, result)
+        return await self._persist(job, result, workdir, bytes_fetched_remote=remote[0])
 
     async def _module(self, cap: LocalCapability, workdir: Path) -> Path:
         if "://" in cap.module or cap.module.startswith("sha256:"):
@@ -268,33 +310,29 @@ class Runner:
             dest = workdir / "module.wasm"
             await self._fetcher.fetch_to(ref, dest)
             return dest
-        path = Path(cap.module)
-        if not await asyncio.to_thread(path.is_file):
-            raise FailedPrecondition(f"module {path} of {cap.name!r} is missing on this peer")
-        return path
+        # A missing local module fails the run with the executor's own clear error;
+        # checking here would cost a thread hop per job.
+        return Path(cap.module)
 
-    async def _persist(self, job: Job, result: ExecutionOutcome) -> Outcome:
-        """Store large stdout and /output files as objects; small stdout stays inline."""
+    async def _persist(
+        self, job: Job, result: ExecutionOutcome, workdir: Path, *, bytes_fetched_remote: int
+    ) -> Outcome:
+        """Store large stdout and /output files as objects; small stdout stays inline.
+
+        Objects go to the HRW owner of their key, like every object in the fabric.
+        """
         refs: list[str] = []
         prefix = f"{job.job_id}/{job.attempt}"
         output: bytes | None = result.stdout
+        files = [(path, f"{prefix}/output/{path.name}") for path in result.output_files]
         if len(result.stdout) > self._options.max_inline_output:
-            info = await asyncio.to_thread(
-                functools.partial(
-                    self._store.put_bytes,
-                    result.stdout,
-                    bucket=RESULTS_BUCKET,
-                    key=f"{prefix}/stdout",
-                )
-            )
-            refs.append(f"anvil://{RESULTS_BUCKET}/{prefix}/stdout?sha256={info.sha256}")
+            spilled = workdir / "stdout"
+            await asyncio.to_thread(spilled.write_bytes, result.stdout)
+            files.insert(0, (spilled, f"{prefix}/stdout"))
             output = None
-        for path in result.output_files:
-            key = f"{prefix}/output/{path.name}"
-            info = await asyncio.to_thread(
-                functools.partial(self._store.put_file, path, bucket=RESULTS_BUCKET, key=key)
-            )
-            refs.append(f"anvil://{RESULTS_BUCKET}/{key}?sha256={info.sha256}")
+        for path, key in files:
+            info = await self._fabric.put_file(path, bucket=RESULTS_BUCKET, key=key)
+            refs.append(f"anvil://{RESULTS_BUCKET}/{quote(key)}?sha256={info.sha256}")
         error = result.error
         if result.state is not JobState.SUCCEEDED and result.stderr.strip():
             # The guest's own message (its last stderr lines) is what a user can
@@ -307,6 +345,7 @@ class Runner:
             output_refs=tuple(refs),
             error=error,
             exit_code=result.exit_code,
+            bytes_fetched_remote=bytes_fetched_remote,
         )
 
     async def _finish(self, job: Job, outcome: Outcome) -> None:

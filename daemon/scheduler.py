@@ -11,6 +11,8 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 import hrw
 from daemon.exceptions import NoCapablePeer
 from daemon.registry.models import Capability
@@ -75,11 +77,22 @@ class CandidateSet:
         self._membership = (
             hrw.Membership([c.peer_id for c in self.candidates]) if self.candidates else None
         )
-        self._capacities = [c.max_concurrency for c in self.candidates]
+        self._capacities = np.array([c.max_concurrency for c in self.candidates], dtype=np.int64)
         self._by_id = {c.peer_id: c for c in self.candidates}
+        self._index = {c.peer_id: i for i, c in enumerate(self.candidates)}
+        # Loads as an array aligned with the candidates, rebuilt only when the
+        # caller's loads change version: O(N) Python work per refresh, not per job.
+        self._loads = np.zeros(len(self.candidates), dtype=np.int64)
+        self._loads_version: int | None = None
 
     def __len__(self) -> int:
         return len(self.candidates)
+
+    def bump(self, peer_id: uuid.UUID) -> None:
+        """One more job placed on `peer_id` since the loads were read."""
+        index = self._index.get(peer_id)
+        if index is not None:
+            self._loads[index] += 1
 
     def place(
         self,
@@ -88,6 +101,7 @@ class CandidateSet:
         *,
         c: float = DEFAULT_BALANCE,
         what: str = "this job",
+        loads_version: int | None = None,
     ) -> Placement:
         """The peer to run a job keyed `key`; raises NoCapablePeer when there is none.
 
@@ -97,9 +111,13 @@ class CandidateSet:
         """
         if self._membership is None:
             raise NoCapablePeer(f"no live peer can run {what}")
-        load_list = [loads.get(cand.peer_id, 0) for cand in self.candidates]
+        if loads_version is None or loads_version != self._loads_version:
+            self._loads = np.array(
+                [loads.get(cand.peer_id, 0) for cand in self.candidates], dtype=np.int64
+            )
+            self._loads_version = loads_version
         top = self._membership.pick(key)
-        pick = self._membership.pick_bounded(key, load_list, c=c, capacities=self._capacities)
+        pick = self._membership.pick_bounded(key, self._loads, c=c, capacities=self._capacities)
         chosen = top if pick is None else pick
         # The full HRW order is only needed to report how far a job spilled.
         rank = 0 if chosen == top else self._membership.top_k(key, len(self)).index(chosen)

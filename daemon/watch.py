@@ -25,7 +25,7 @@ class JobEventHub:
     def __init__(self, listener: Listener) -> None:
         self._listener = listener
         self._waiters: dict[uuid.UUID, set[asyncio.Event]] = defaultdict(set)
-        self._callbacks: list[Callable[[uuid.UUID, str], None]] = []
+        self._callbacks: list[Callable[[uuid.UUID, str, int], None]] = []
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -40,8 +40,12 @@ class JobEventHub:
                 await self._task
             self._task = None
 
-    def on_event(self, callback: Callable[[uuid.UUID, str], None]) -> None:
-        """Call `callback(job_id, state)` for every job event (must not block)."""
+    def on_event(self, callback: Callable[[uuid.UUID, str, int], None]) -> None:
+        """Call `callback(job_id, state, attempt)` for every job event (must not block).
+
+        Events arrive late and may describe a change older than what the caller
+        already knows (the insert of a job it has since claimed): compare attempts.
+        """
         self._callbacks.append(callback)
 
     @contextlib.asynccontextmanager
@@ -72,10 +76,11 @@ class JobEventHub:
                     data = json.loads(note.payload)
                     job_id = uuid.UUID(data["job_id"])
                     state = str(data["state"])
+                    attempt = int(data["attempt"])
                 except (ValueError, KeyError, TypeError):
                     log.warning("ignoring malformed job event %r", note.payload)
                     continue
                 for event in self._waiters.get(job_id, ()):
                     event.set()
                 for callback in self._callbacks:
-                    callback(job_id, state)
+                    callback(job_id, state, attempt)

@@ -101,7 +101,7 @@ SET state = 'running', attempt = attempt + 1, error = '',
     lease_expires_at = clock_timestamp() + %(lease)s,
     started_at = clock_timestamp(), updated_at = clock_timestamp()
 WHERE job_id = %(job_id)s AND state = 'queued' AND peer_id = %(peer_id)s
-  AND attempt < max_attempts
+  AND attempt < max_attempts AND run_after <= clock_timestamp()
 RETURNING *;
 
 -- name: claim_next
@@ -113,6 +113,7 @@ RETURNING *;
 WITH next AS MATERIALIZED (
     SELECT job_id FROM jobs
     WHERE state = 'queued' AND peer_id = %(peer_id)s AND attempt < max_attempts
+      AND run_after <= clock_timestamp()
       AND (%(capabilities)s::text[] IS NULL OR capability = ANY(%(capabilities)s))
     ORDER BY submitted_at, job_id
     LIMIT %(limit)s
@@ -172,6 +173,7 @@ UPDATE jobs
 SET state = CASE WHEN attempt >= max_attempts THEN 'failed'::job_state ELSE 'queued' END,
     peer_id = CASE WHEN attempt >= max_attempts THEN peer_id ELSE %(next_peer_id)s END,
     finished_at = CASE WHEN attempt >= max_attempts THEN clock_timestamp() END,
+    run_after = clock_timestamp() + %(backoff)s,
     error = %(error)s, lease_expires_at = NULL, updated_at = clock_timestamp()
 WHERE job_id = %(job_id)s AND state = 'running' AND attempt = %(attempt)s
   AND lease_expires_at < clock_timestamp()
@@ -183,6 +185,25 @@ SET state = 'cancelled', error = %(reason)s, lease_expires_at = NULL,
     finished_at = clock_timestamp(), updated_at = clock_timestamp()
 WHERE job_id = %(job_id)s AND state IN ('queued', 'running')
 RETURNING *;
+
+-- name: mark_stale_peers_down
+UPDATE peers SET state = 'down'
+WHERE state = 'up' AND heartbeat_at < clock_timestamp() - %(ttl)s
+RETURNING peer_id;
+
+-- name: unplace_from_unavailable_peers
+-- Queued jobs whose peer is down, draining or silent go back to be placed again.
+UPDATE jobs SET peer_id = NULL, updated_at = clock_timestamp()
+WHERE state = 'queued' AND peer_id IN (
+    SELECT peer_id FROM peers
+    WHERE state <> 'up' OR heartbeat_at < clock_timestamp() - %(ttl)s
+)
+RETURNING job_id;
+
+-- name: unplace_peer_queue
+UPDATE jobs SET peer_id = NULL, updated_at = clock_timestamp()
+WHERE state = 'queued' AND peer_id = %(peer_id)s
+RETURNING job_id;
 
 -- name: list_queued_unplaced
 SELECT * FROM jobs

@@ -25,7 +25,7 @@ class WasmJobExecutor:
         """Start the workers; the module cache lives in the data directory."""
         executor = WasmExecutor(
             PoolSettings(
-                workers=max(1, min(8, os.cpu_count() or 1)),
+                workers=settings.wasm_workers or max(1, min(8, os.cpu_count() or 1)),
                 cache_dir=settings.data_dir / "wasm-cache",
             ),
             scratch_dir=settings.data_dir / "wasm-scratch",

@@ -38,6 +38,7 @@ from daemon.executors.engine import EngineSettings, EpochTicker, engine_key, mak
 from daemon.executors.limits import Limits, epoch_ticks, memory_exhausted
 from daemon.executors.module_cache import (
     DiskModuleCache,
+    Level,
     LoadedModule,
     ModuleCache,
     wasmtime_reason,
@@ -137,20 +138,21 @@ class Sandbox:
             raise InvalidModule(f"{reason} (only WASI preview 1 imports are granted)") from None
 
     def run(
-        self, request: RunRequest, *, on_started: Callable[[], None] | None = None
+        self, request: RunRequest, *, on_started: Callable[[Level], None] | None = None
     ) -> ExecutionResult:
         """Load (cache → disk → compile) and run one guest under `request.limits`.
 
-        `on_started` is called once the module is ready, before the guest starts
-        (the wall-clock deadline counts from there). Guest failures come back as
-        results; raises DigestMismatch or InvalidArgument for a bad request.
+        `on_started(level)` is called once the module is ready (`level`: where the
+        cache found it), before the guest starts (the wall-clock deadline counts
+        from there). Guest failures come back as results; raises DigestMismatch
+        or InvalidArgument for a bad request.
         """
         try:
-            loaded, _ = self.cache.get(request.digest, request.module_path)
+            loaded, level = self.cache.get(request.digest, request.module_path)
         except InvalidModule as exc:
             return results.invalid_module(str(exc))
         if on_started is not None:
-            on_started()
+            on_started(level)
         return self._execute(loaded, request)
 
     def _execute(self, loaded: LoadedModule, request: RunRequest) -> ExecutionResult:

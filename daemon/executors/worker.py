@@ -90,7 +90,10 @@ def serve(inp: IO[bytes], out: IO[bytes]) -> int:
                 raise protocol.ProtocolError(f"unexpected {head['type']!r} message")
             request = protocol.request_from(head)
             try:
-                result = sandbox.run(request, on_started=lambda: send(protocol.message("started")))
+                result = sandbox.run(
+                    request,
+                    on_started=lambda level: send(protocol.message("started", cache=level.value)),
+                )
             except AnvilError as exc:
                 send(protocol.error_message(exc))
                 continue

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from daemon import metrics
 from daemon.exceptions import AnvilError, Unavailable
 from daemon.executors import protocol
 from daemon.executors import result as results
@@ -200,6 +201,7 @@ class WorkerPool:
                 )
             if head["type"] == "started":
                 started = True
+                metrics.module_cache_lookup(head.get("cache"))
                 began = time.perf_counter()
                 try:
                     async with asyncio.timeout(limits.timeout_s + self.settings.kill_grace_s):

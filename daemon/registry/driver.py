@@ -33,7 +33,9 @@ async def open_pool(
     """Open a pool and wait until a connection works; raise RegistryUnavailable otherwise."""
     pool: Pool = psycopg_pool.AsyncConnectionPool(
         url,
-        min_size=min_size,
+        # Connections are opened up front: growing the pool under load means
+        # connecting while the event loop is busiest.
+        min_size=max(min_size, min(4, max_size)),
         max_size=max_size,
         open=False,
         timeout=timeout,

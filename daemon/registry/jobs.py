@@ -245,16 +245,29 @@ class JobStore:
         return [ExpiredLease(**row) for row in rows]
 
     async def rescue(
-        self, job_id: uuid.UUID, *, attempt: int, next_peer_id: uuid.UUID | None, error: str
+        self,
+        job_id: uuid.UUID,
+        *,
+        attempt: int,
+        next_peer_id: uuid.UUID | None,
+        error: str,
+        backoff: timedelta = timedelta(0),
     ) -> Job | None:
         """Re-queue (or fail, when out of attempts) a job whose lease expired.
 
         Compare-and-set on (running, attempt, lease in the past); returns None when
         the job moved on since the snapshot (finished, renewed, already rescued).
+        The next attempt cannot be claimed before `backoff` has passed.
         """
         row = await self._one(
             "rescue_job",
-            {"job_id": job_id, "attempt": attempt, "next_peer_id": next_peer_id, "error": error},
+            {
+                "job_id": job_id,
+                "attempt": attempt,
+                "next_peer_id": next_peer_id,
+                "error": error,
+                "backoff": backoff,
+            },
         )
         return Job.from_row(row) if row is not None else None
 
@@ -265,6 +278,14 @@ class JobStore:
             job = await self.get(job_id)
             raise JobAlreadyFinished(f"job {job_id} already ended: {job.state}")
         return Job.from_row(row)
+
+    async def unplace_from_unavailable_peers(self, *, peer_ttl: timedelta) -> int:
+        """Queued jobs on down, draining or silent peers become unplaced; return how many."""
+        return len(await self._all("unplace_from_unavailable_peers", {"ttl": peer_ttl}))
+
+    async def unplace_peer_queue(self, peer_id: uuid.UUID) -> int:
+        """This peer's queued jobs become unplaced (drain); return how many."""
+        return len(await self._all("unplace_peer_queue", {"peer_id": peer_id}))
 
     async def list_unplaced(self, *, limit: int = 100) -> list[Job]:
         rows = await self._all("list_queued_unplaced", {"limit": limit})

@@ -217,6 +217,8 @@ class Job:
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
+    # The next attempt may not be claimed before this (backoff after a rescue).
+    run_after: datetime
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Job:
@@ -245,6 +247,7 @@ class Job:
             started_at=row["started_at"],
             finished_at=row["finished_at"],
             updated_at=row["updated_at"],
+            run_after=row["run_after"],
         )
 
 

@@ -54,6 +54,16 @@ class PeerStore:
             raise NotFound(f"peer {peer_id} is not registered")
         return Peer.from_row({**row, "live": False})
 
+    async def mark_stale_down(self) -> list[uuid.UUID]:
+        """Peers silent for longer than the TTL are marked down; return them."""
+        with translate_errors():
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(
+                    queries.get("mark_stale_peers_down"), {"ttl": self.peer_ttl}
+                )
+                rows = await cur.fetchall()
+        return [row["peer_id"] for row in rows]
+
     async def get(self, peer_id: uuid.UUID) -> Peer:
         with translate_errors():
             async with self._pool.connection() as conn:

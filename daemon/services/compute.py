@@ -11,7 +11,7 @@ from typing import Any
 
 from grpc import aio
 
-from daemon import auth, convert
+from daemon import auth, convert, metrics
 from daemon.exceptions import InvalidArgument, NoCapablePeer
 from daemon.membership import MembershipView
 from daemon.pb.anvil import compute_pb2, compute_pb2_grpc
@@ -112,13 +112,18 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
         candidates = self._view.candidates(spec.capability, spec.region, spec.resources)
         if not len(candidates):
             raise NoCapablePeer(_no_peer_reason(spec))
-        placement = candidates.place(key, self._view.loads, c=self._policy.balance)
+        placement = candidates.place(
+            key, self._view.loads, c=self._policy.balance, loads_version=self._view.loads_version
+        )
         result = await self._registry.jobs.submit(
             spec, job_id=job_id, peer_id=placement.peer_id, locality_key=key
         )
         job = result.job
         if not result.existing:
             self._view.note_placed(placement.peer_id)
+            metrics.placement_made(
+                spec.capability, rank=placement.rank, saturated=placement.saturated
+            )
         if job.peer_id is not None and not job.state.terminal:
             self._dispatch(job.peer_id, placement.address, job.job_id)
         return compute_pb2.SubmitJobResponse(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
@@ -47,7 +47,7 @@ class AnvilClient:
         channel: aio.Channel,
         *,
         target: str = "",
-        metadata: Sequence[tuple[str, str]] = (),
+        metadata: Sequence[tuple[str, str]] | Callable[[], Sequence[tuple[str, str]]] = (),
         timeout: float | None = None,
         chunk_size: int = CHUNK_SIZE,
         owns_channel: bool = False,
@@ -56,7 +56,8 @@ class AnvilClient:
         self.chunk_size = chunk_size
         self._channel = channel
         self._stub = object_pb2_grpc.ObjectServiceStub(channel)
-        self._metadata = tuple(metadata)
+        # A callable is asked on every call (peer links refresh their tokens).
+        self._metadata = metadata if callable(metadata) else tuple(metadata)
         self._timeout = timeout
         self._owns_channel = owns_channel
 
@@ -86,6 +87,9 @@ class AnvilClient:
             owns_channel=True,
         )
 
+    def _call_metadata(self) -> Sequence[tuple[str, str]]:
+        return self._metadata() if callable(self._metadata) else self._metadata
+
     async def head(self, ref: ObjectRef) -> ObjectInfo:
         """Describe the object; raises ObjectNotFound, Unavailable, ..."""
         _check_scheme(ref)
@@ -94,7 +98,7 @@ class AnvilClient:
             request.version_id = ref.version
         try:
             response = await self._stub.HeadObject(
-                request, metadata=self._metadata, timeout=self._timeout
+                request, metadata=self._call_metadata(), timeout=self._timeout
             )
         except aio.AioRpcError as exc:
             raise self._error(exc, ref) from exc
@@ -107,7 +111,7 @@ class AnvilClient:
         request = object_pb2.GetObjectRequest(bucket_name=ref.bucket, object_key=ref.key)
         if ref.version is not None:
             request.version_id = ref.version
-        call = self._stub.GetObject(request, metadata=self._metadata, timeout=self._timeout)
+        call = self._stub.GetObject(request, metadata=self._call_metadata(), timeout=self._timeout)
         try:
             stream = aiter(call)
             try:
@@ -184,7 +188,7 @@ class AnvilClient:
 
         try:
             response = await self._stub.PutObject(
-                requests(), metadata=self._metadata, timeout=self._timeout
+                requests(), metadata=self._call_metadata(), timeout=self._timeout
             )
         except aio.AioRpcError as exc:
             raise self._error(exc, None) from exc

@@ -11,6 +11,7 @@ import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from daemon import metrics
 from daemon.exceptions import FailedPrecondition, ObjectNotFound
 from daemon.storage.atomic_file import TEMP_PREFIX, AtomicFile
 from daemon.storage.cache import CachedObject, DiskCache
@@ -51,9 +52,10 @@ class Fetcher:
         """
         ref = parse_ref(ref) if isinstance(ref, str) else ref
         source = self._source(ref)
-        opener = functools.partial(source.open, ref)
+        opener = metrics.MeteredOpener(functools.partial(source.open, ref), source=source)
         if ref.sha256 is not None:
             async with self.cache.get(ref.location, opener, expected_sha256=ref.sha256) as obj:
+                opener.count_lookup()
                 yield obj
             return
         info = await source.head(ref)
@@ -65,6 +67,7 @@ class Fetcher:
             known_sha256=info.sha256,
             remember=bool(stamp),
         ) as obj:
+            opener.count_lookup()
             yield obj
 
     async def fetch_to(self, ref: ObjectRef | str, dest: Path) -> CachedObject:

@@ -115,9 +115,10 @@ class PeerFactory:
             "ANVIL_AUTH_SECRET_FILE": str(self.secret_file),
             "ANVIL_LEASE_S": "3",
             "ANVIL_HEARTBEAT_S": "0.5",
-            "ANVIL_PEER_TTL_S": "3",
+            "ANVIL_PEER_TTL_S": "6",
             "ANVIL_POLL_INTERVAL_S": "0.5",
             "ANVIL_DRAIN_GRACE_S": "10",
+            "ANVIL_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
             **env,
         }
         with log_path.open("wb") as log:

@@ -80,3 +80,16 @@ def guests_config(directory: Path) -> str:
             "",
         ]
     )
+
+
+def fabric_config(directory: Path, *, max_concurrency: int, nap_s: float = 0.3) -> str:
+    """Examples plus test:nap (sleeps nap_s in poll_oneoff), all at max_concurrency."""
+    nap = write_guest(directory, "nap", SLEEP_WAT.replace("NANOS", str(int(nap_s * 1e9))))
+    return examples_config(max_concurrency) + "\n".join(
+        [
+            '[capabilities."test:nap"]',
+            f'wasm = "{nap}"',
+            f"max_concurrency = {max_concurrency}",
+            "",
+        ]
+    )

@@ -336,3 +336,38 @@ async def test_database_constraints_back_the_state_machine(registry: Registry) -
 
     with pytest.raises(InvalidArgument, match="check constraint"):
         await force_running()
+
+
+async def test_a_rescued_job_waits_out_its_backoff(registry: Registry) -> None:
+    old_peer, new_peer = uuid.uuid4(), uuid.uuid4()
+    job = (await registry.jobs.submit(spec(), peer_id=old_peer)).job
+    await registry.jobs.claim(job.job_id, old_peer, lease=LEASE)
+    await expire_leases(registry)
+    rescued = await registry.jobs.rescue(
+        job.job_id, attempt=1, next_peer_id=new_peer, error="x", backoff=timedelta(seconds=0.4)
+    )
+    assert rescued is not None and rescued.run_after > rescued.updated_at
+    assert await registry.jobs.claim_next(new_peer, lease=LEASE) == []
+    await asyncio.sleep(0.5)
+    (claimed,) = await registry.jobs.claim_next(new_peer, lease=LEASE)
+    assert claimed.attempt == 2
+
+
+async def test_queued_jobs_leave_down_silent_and_draining_peers(registry: Registry) -> None:
+    up, down, silent = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    for peer in (up, down, silent):
+        await registry.peers.upsert(peer_id=peer, address="h:1", region="local", version="")
+    await registry.peers.set_state(down, "down")
+    async with registry.pool.connection() as conn:
+        await conn.execute(
+            "UPDATE peers SET heartbeat_at = now() - interval '1 hour' WHERE peer_id = %s",
+            (silent,),
+        )
+    jobs = {p: (await registry.jobs.submit(spec(), peer_id=p)).job for p in (up, down, silent)}
+    assert await registry.peers.mark_stale_down() == [silent]
+    moved = await registry.jobs.unplace_from_unavailable_peers(peer_ttl=timedelta(seconds=15))
+    assert moved == 2
+    unplaced = {j.job_id for j in await registry.jobs.list_unplaced()}
+    assert unplaced == {jobs[down].job_id, jobs[silent].job_id}
+    assert await registry.jobs.unplace_peer_queue(up) == 1
+    assert (await registry.jobs.get(jobs[up].job_id)).peer_id is None

@@ -1,0 +1,241 @@
+"""Several real peers on one registry: HRW placement, locality, failover, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import psycopg
+import pytest
+
+import hrw
+from daemon.convert import PROTO_TO_JOB_STATE
+from daemon.jobstate import JobState
+from daemon.pb.anvil import compute_pb2
+from daemon.storage.refs import parse_ref
+from tests.e2e.cluster import Peer, PeerFactory
+from tests.e2e.guests import fabric_config
+
+pytestmark = pytest.mark.e2e
+
+
+def state(status: compute_pb2.GetJobStatusResponse) -> JobState:
+    return PROTO_TO_JOB_STATE[status.state]
+
+
+async def start_peers(peers: PeerFactory, n: int, config: str, **env: str) -> list[Peer]:
+    return [await asyncio.to_thread(peers.start, config=config, **env) for _ in range(n)]
+
+
+def events_per_job(database_url: str) -> dict[str, Counter[str]]:
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT job_id::text, to_state::text, count(*) FROM job_events GROUP BY 1, 2"
+        ).fetchall()
+    out: dict[str, Counter[str]] = {}
+    for job_id, to_state, n in rows:
+        out.setdefault(job_id, Counter())[to_state] = n
+    return out
+
+
+async def wait_all(
+    peer: Peer, ids: list[str], timeout: float
+) -> list[compute_pb2.GetJobStatusResponse]:
+    """Follow every job to its end, at most 256 WatchJob streams at a time."""
+    gate = asyncio.Semaphore(256)
+    async with peer.client() as client:
+
+        async def one(job_id: str) -> compute_pb2.GetJobStatusResponse:
+            async with gate:
+                return await client.wait(job_id)
+
+        return list(await asyncio.wait_for(asyncio.gather(*(one(i) for i in ids)), timeout))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+async def test_three_peers_run_3000_jobs_once_each_where_hrw_says(
+    peers: PeerFactory, tmp_path: Path, database_url: str
+) -> None:
+    # Capacity and balance out of reach: placement must be plain HRW.
+    cluster = await start_peers(
+        peers, 3, fabric_config(tmp_path, max_concurrency=10_000), ANVIL_BALANCE="1000000"
+    )
+    ids_by_peer = [uuid.UUID(p.peer_id) for p in cluster]
+    keys = [f"key-{i}" for i in range(3000)]
+
+    async def front_door(index: int) -> list[tuple[str, str]]:
+        peer = cluster[index % 3]
+        async with peer.client() as client:
+            out = []
+            for key in keys[index::16]:
+                response = await client.submit("text:wordcount", locality_key=key)
+                out.append((key, response.job_id))
+            return out
+
+    submitted = [
+        x for batch in await asyncio.gather(*(front_door(i) for i in range(16))) for x in batch
+    ]
+    assert len(submitted) == 3000
+    finals = await wait_all(cluster[0], [job_id for _, job_id in submitted], 300)
+    assert Counter(state(f) for f in finals) == {JobState.SUCCEEDED: 3000}
+    expected_output = finals[0].output
+    assert json.loads(expected_output)["words"] == 0
+    for (key, _), final in zip(submitted, finals, strict=True):
+        assert final.peer_id == str(hrw.rank(key, ids_by_peer)[0]), key
+        assert final.attempt == 1 and final.output == expected_output
+    per_job = events_per_job(database_url)
+    assert {(c["running"], c["succeeded"]) for c in per_job.values()} == {(1, 1)}
+    assert len({f.peer_id for f in finals}) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_kill_9_of_a_peer_loses_no_job(
+    peers: PeerFactory, tmp_path: Path, database_url: str
+) -> None:
+    cluster = await start_peers(
+        peers,
+        3,
+        fabric_config(tmp_path, max_concurrency=40, nap_s=0.5),
+        ANVIL_WASM_WORKERS="8",
+    )
+    victim = cluster[2]
+    async with cluster[0].client() as client:
+        ids = [
+            (await client.submit("test:nap", locality_key=f"k{i}", max_attempts=5)).job_id
+            for i in range(150)
+        ]
+    # Wait until the victim is running a good share of its jobs, then kill it.
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for _ in range(200):
+            (running,) = conn.execute(
+                "SELECT count(*) FROM jobs WHERE state = 'running' AND peer_id = %s",
+                (victim.peer_id,),
+            ).fetchone()
+            if running >= 20:
+                break
+            await asyncio.sleep(0.05)
+    assert running >= 20
+    victim.kill()
+    finals = await wait_all(cluster[0], ids, 120)
+    assert Counter(state(f) for f in finals) == {JobState.SUCCEEDED: 150}
+    rescued = [f for f in finals if f.attempt > 1]
+    assert len(rescued) >= 20
+    assert all(f.peer_id != victim.peer_id for f in rescued)
+    per_job = events_per_job(database_url)
+    assert all(per_job[i]["succeeded"] == 1 for i in ids), "a result was written twice"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_peers_ride_out_a_postgresql_restart(tmp_path: Path) -> None:
+    from daemon.registry.embedded import EmbeddedPostgres
+
+    pg = EmbeddedPostgres(tmp_path / "pg")
+    url = pg.start()
+    secret = tmp_path / "secret"
+    secret.write_text("restart-secret-" + "z" * 40)
+    factory = PeerFactory(tmp_path / "peers", url, secret)
+    try:
+        cluster = await start_peers(factory, 2, fabric_config(tmp_path, max_concurrency=8))
+        async with cluster[0].client() as client:
+            ids = [
+                (await client.submit("test:nap", locality_key=f"r{i}", max_attempts=10)).job_id
+                for i in range(40)
+            ]
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(pg.close)
+        await asyncio.sleep(3.0)
+        pg = EmbeddedPostgres(tmp_path / "pg")
+        assert await asyncio.to_thread(pg.start) == url
+        finals = await wait_all(cluster[1], ids, 150)
+        assert Counter(state(f) for f in finals) == {JobState.SUCCEEDED: 40}
+        assert all(p.process.poll() is None for p in cluster), "a peer died with the database"
+    finally:
+        factory.stop_all()
+        pg.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_jobs_run_where_their_input_lives(peers: PeerFactory, tmp_path: Path) -> None:
+    cluster = await start_peers(
+        peers, 3, fabric_config(tmp_path, max_concurrency=64), ANVIL_BALANCE="1000000"
+    )
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    rng = random.Random(7)
+    async with cluster[0].client() as client:
+        refs = []
+        for i in range(100):
+            path = inputs / f"doc{i}.txt"
+            path.write_text(" ".join(rng.choice(["alpha", "beta", "gamma"]) for _ in range(20000)))
+            refs.append(await client.upload(path))
+        local = [(await client.submit("text:wordcount", inputs=[r])).job_id for r in refs]
+        scattered = [
+            (
+                await client.submit("text:wordcount", inputs=[r], locality_key=uuid.uuid4().hex)
+            ).job_id
+            for r in refs
+        ]
+    local_finals = await wait_all(cluster[0], local, 120)
+    scattered_finals = await wait_all(cluster[0], scattered, 120)
+    assert all(state(f) is JobState.SUCCEEDED for f in local_finals + scattered_finals)
+    zero = sum(f.bytes_fetched_remote == 0 for f in local_finals)
+    local_bytes = sum(f.bytes_fetched_remote for f in local_finals)
+    random_bytes = sum(f.bytes_fetched_remote for f in scattered_finals)
+    print(f"\nbytes fetched across peers: placed by input {local_bytes}, at random {random_bytes}")
+    ids_by_peer = [uuid.UUID(p.peer_id) for p in cluster]
+    misplaced = [
+        (f.peer_id[:8], str(hrw.rank(parse_ref(r).key, ids_by_peer)[0])[:8], f.bytes_fetched_remote)
+        for f, r in zip(local_finals, refs, strict=True)
+        if f.bytes_fetched_remote
+    ]
+    assert zero >= 99, f"only {zero}/100 jobs ran where their input lives: {misplaced}"
+    assert random_bytes > 50 * 100_000  # about two thirds of 100 inputs of ~120 kB moved
+
+
+@pytest.mark.timeout(200)
+async def test_a_full_peer_spills_to_the_next_in_hrw_order(
+    peers: PeerFactory, tmp_path: Path
+) -> None:
+    cluster = await start_peers(peers, 2, fabric_config(tmp_path, max_concurrency=1, nap_s=2))
+    ids_by_peer = [uuid.UUID(p.peer_id) for p in cluster]
+    order = [str(p) for p in hrw.rank("same-key", ids_by_peer)]
+    async with cluster[0].client() as client:
+        first = await client.submit("test:nap", locality_key="same-key")
+        second = await client.submit("test:nap", locality_key="same-key")
+    assert (first.peer_id, second.peer_id) == (order[0], order[1])
+    finals = await wait_all(cluster[0], [first.job_id, second.job_id], 60)
+    assert [f.peer_id for f in finals] == order
+
+
+@pytest.mark.timeout(200)
+async def test_sigterm_drains_without_failing_a_job(
+    peers: PeerFactory, tmp_path: Path, database_url: str
+) -> None:
+    cluster = await start_peers(
+        peers, 2, fabric_config(tmp_path, max_concurrency=2, nap_s=1), ANVIL_BALANCE="1000000"
+    )
+    leaving, staying = cluster
+    ids_by_peer = [uuid.UUID(p.peer_id) for p in cluster]
+    keys = [
+        k for k in (f"d{i}" for i in range(200)) if hrw.rank(k, ids_by_peer)[0] == ids_by_peer[0]
+    ]
+    async with staying.client() as client:
+        ids = [(await client.submit("test:nap", locality_key=k)).job_id for k in keys[:8]]
+    await asyncio.sleep(0.5)
+    assert await asyncio.to_thread(leaving.terminate, 60) == 0
+    finals = await wait_all(staying, ids, 60)
+    assert Counter(state(f) for f in finals) == {JobState.SUCCEEDED: 8}
+    assert {f.peer_id for f in finals} == {leaving.peer_id, staying.peer_id}
+    with psycopg.connect(database_url) as conn:
+        (left,) = conn.execute(
+            "SELECT count(*) FROM compute_capabilities WHERE peer_id = %s", (leaving.peer_id,)
+        ).fetchone()
+    assert left == 0, "the drained peer deregistered its capabilities"

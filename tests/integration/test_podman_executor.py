@@ -1,0 +1,661 @@
+"""The Podman executor against a real `podman system service`: ABI, hostile containers, daemon.
+
+Nothing here skips: without Podman these tests fail (CI installs it with
+.ci/install-podman.sh). Every container the suite starts carries the label
+`anvil-compute.owner`; the service fixture fails the suite if any is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import podman
+import pytest
+from podman.domain.containers_create import CreateMixin
+
+from daemon import config
+from daemon.capability_config import parse_capability
+from daemon.convert import PROTO_TO_JOB_STATE
+from daemon.exceptions import FailedPrecondition, InvalidArgument
+from daemon.execution import ExecutionRequest
+from daemon.executors.podman import (
+    LABEL_JOB,
+    LABEL_OWNER,
+    ContainerLimits,
+    PodmanExecutor,
+    check_image_ref,
+    cpu_quota,
+    create_options,
+    limits_not_applied,
+    socket_path,
+)
+from daemon.executors.podman_job import PodmanJobExecutor, job_limits
+from daemon.executors.podman_service import PodmanService
+from daemon.executors.result import Outcome
+from daemon.jobstate import JobState
+from daemon.resources import satisfies
+from tests.e2e.cluster import PeerFactory
+
+pytestmark = pytest.mark.podman
+
+REPO = Path(__file__).resolve().parents[2]
+CONTAINERS_DIR = REPO / "guest_modules" / "containers"
+BUILD_SCRIPT = CONTAINERS_DIR / "build_busybox_image.py"
+OWNER = "anvil-tests"
+TEXT = "the quick brown fox\njumps over the lazy dog\n"  # 9 words
+
+
+@pytest.fixture(scope="session")
+def podman_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A private Podman service; afterwards, no container of ours may be left."""
+    service = PodmanService(
+        tmp_path_factory.mktemp("podman"), containers_conf=CONTAINERS_DIR / "containers.conf"
+    )
+    socket_path = service.start()
+    try:
+        yield socket_path
+        with podman.PodmanClient(base_url=f"http+unix://{socket_path}") as client:
+            left = client.containers.list(all=True, filters={"label": LABEL_OWNER})
+            names = [c.name for c in left]
+            for container in left:
+                container.remove(force=True)
+        assert names == [], f"containers left behind: {names}"
+    finally:
+        service.stop()
+
+
+@pytest.fixture(scope="session")
+async def busybox_image(podman_socket: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The example image: built by the script, loaded through the API. Its id, `sha256:…`."""
+    archive = tmp_path_factory.mktemp("image") / "busybox.oci.tar"
+    built = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, str(BUILD_SCRIPT), "--output", str(archive), "--no-load"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    image_id = built.stdout.strip()
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", image_id), built.stdout
+    async with PodmanExecutor(podman_socket, owner=OWNER) as ex:
+        assert await ex.load_image(archive) == (image_id.removeprefix("sha256:"),)
+    return image_id
+
+
+@pytest.fixture
+async def executor(podman_socket: Path, tmp_path: Path) -> AsyncIterator[PodmanExecutor]:
+    async with PodmanExecutor(podman_socket, owner=OWNER, scratch_dir=tmp_path / "scratch") as ex:
+        yield ex
+        assert await ex.containers() == []
+
+
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT)
+    return path
+
+
+async def job_executor(podman_socket: Path, tmp_path: Path) -> PodmanJobExecutor:
+    """The job runner's executor, built from settings as `serve` builds it."""
+    settings = config.load(
+        environ={},
+        overrides={"data_dir": tmp_path / "data", "podman_socket": str(podman_socket)},
+    )
+    return await PodmanJobExecutor.create(settings)
+
+
+def out_dir(tmp_path: Path, name: str = "out") -> Path:
+    path = tmp_path / name
+    path.mkdir()
+    return path
+
+
+async def sh(
+    ex: PodmanExecutor,
+    image: str,
+    script: str,
+    tmp_path: Path,
+    *,
+    inputs: tuple[Path, ...] = (),
+    limits: ContainerLimits | None = None,
+    params: dict[str, str] | None = None,
+) -> Any:
+    return await ex.run(
+        image,
+        command=["sh", "-c", script, "guest"],
+        output_dir=out_dir(tmp_path, f"out-{time.monotonic_ns()}"),
+        inputs=inputs,
+        params=params or {},
+        limits=limits,
+        job_id="test",
+    )
+
+
+# -- pure parts ----------------------------------------------------------------
+
+
+def test_image_refs_must_be_pinned_by_digest() -> None:
+    digest = "ab" * 32
+    assert check_image_ref(f"sha256:{digest}") == (None, digest)
+    assert check_image_ref(f"localhost/x@sha256:{digest}") == ("localhost/x", digest)
+    for ref in ("busybox", "busybox:latest", f"sha256:{digest[:-1]}", f"x@sha256:{digest.upper()}"):
+        with pytest.raises(InvalidArgument, match="not pinned by digest"):
+            check_image_ref(ref)
+
+
+def test_limits_come_from_the_capability_and_the_job() -> None:
+    defaults = ContainerLimits()
+    assert job_limits(defaults, timeout_s=0, memory_mib=0, cpu_millis=0, pids=0) == defaults
+    limits = job_limits(defaults, timeout_s=2.5, memory_mib=64, cpu_millis=500, pids=10)
+    assert (limits.timeout_s, limits.memory_bytes, limits.cpu_millis, limits.pids) == (
+        2.5,
+        64 << 20,
+        500,
+        10,
+    )
+    assert cpu_quota(500) == 50_000
+    with pytest.raises(InvalidArgument, match="at least 6 MiB"):
+        defaults.with_overrides(memory_mib=4)
+    with pytest.raises(InvalidArgument, match="pids"):
+        ContainerLimits(pids=0)
+    assert socket_path("unix:///run/p.sock") == socket_path("/run/p.sock") == Path("/run/p.sock")
+    with pytest.raises(InvalidArgument, match="absolute"):
+        socket_path("p.sock")
+
+
+# -- the example capability and the ABI ---------------------------------------
+
+
+def test_image_build_is_reproducible(busybox_image: str) -> None:
+    spec = importlib.util.spec_from_file_location("build_busybox_image", BUILD_SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    first, image_id = module.build()
+    again, _ = module.build()
+    assert first == again
+    assert image_id == busybox_image
+
+
+async def test_example_capability_counts_words(
+    podman_socket: Path, busybox_image: str, tmp_path: Path, text_file: Path
+) -> None:
+    cap = parse_capability(
+        "demo:busybox-wc", {"podman_image": busybox_image, "command": ["wc", "-w"]}
+    )
+    job = await job_executor(podman_socket, tmp_path)
+    try:
+        outcome = await job.execute(
+            ExecutionRequest(
+                job_id="job-wc",
+                capability=cap,
+                module_path=None,
+                inputs=(text_file,),
+                params={},
+                output_dir=out_dir(tmp_path),
+                timeout_s=30,
+            )
+        )
+    finally:
+        await job.close()
+    assert outcome.state is JobState.SUCCEEDED, outcome.error
+    assert (outcome.stdout, outcome.exit_code) == (b"9\n", 0)
+
+
+async def test_guest_abi(
+    executor: PodmanExecutor, busybox_image: str, tmp_path: Path, text_file: Path
+) -> None:
+    second = tmp_path / "second.bin"
+    second.write_bytes(b"\x00\x01binary")
+    script = (
+        'echo "argv: $*"; echo "env: $ANVIL_PARAM_GROUP_BY $ANVIL_PARAM_X_Y"; '
+        "echo stdin: $(wc -w); cmp /input/1 /input/1 && wc -c < /input/1; "
+        "cat /input/0 > /output/copy.txt; mkdir /output/sub; echo nested > /output/sub/n.txt"
+    )
+    result = await sh(
+        executor,
+        busybox_image,
+        script,
+        tmp_path,
+        inputs=(text_file, second),
+        params={"group_by": "city", "x-y": "a b"},
+    )
+    assert result.outcome is Outcome.OK, (result.message, result.stderr)
+    lines = result.stdout.decode().splitlines()
+    assert lines == ["argv: --group_by=city --x-y=a b", "env: city a b", "stdin: 9", "8"]
+    outputs = {f.name: f.path.read_bytes() for f in result.outputs}
+    assert outputs == {"copy.txt": TEXT.encode(), "sub/n.txt": b"nested\n"}
+
+
+async def test_failure_is_exit_code_and_stderr(
+    executor: PodmanExecutor, busybox_image: str, tmp_path: Path
+) -> None:
+    result = await sh(
+        executor, busybox_image, "echo partial; echo 'line 7: bad' >&2; exit 3", tmp_path
+    )
+    assert result.outcome is Outcome.NONZERO_EXIT and result.exit_code == 3
+    assert (result.stdout, result.stderr) == (b"partial\n", b"line 7: bad\n")
+
+
+async def test_stdout_over_the_cap_fails_the_job(
+    executor: PodmanExecutor, busybox_image: str, tmp_path: Path
+) -> None:
+    limits = ContainerLimits(stdout_bytes=64 * 1024)
+    started = time.monotonic()
+    result = await sh(executor, busybox_image, "yes", tmp_path, limits=limits)
+    assert result.outcome is Outcome.OUTPUT_TOO_LARGE
+    assert "more than 64 KiB written to stdout" in result.message
+    assert len(result.stdout) == 64 * 1024
+    assert time.monotonic() - started < 10
+
+
+# -- the sandbox really applies ------------------------------------------------
+
+
+async def test_kernel_limits_and_hardening_inside_the_container(
+    executor: PodmanExecutor, busybox_image: str, tmp_path: Path
+) -> None:
+    # cgroup v1 files, else the v2 ones: what the kernel enforces, not what Podman says.
+    script = """
+    if [ -f /sys/fs/cgroup/cpu.max ]; then
+        read quota period < /sys/fs/cgroup/cpu.max; echo cpu $quota $period
+        echo memory $(cat /sys/fs/cgroup/memory.max) $(cat /sys/fs/cgroup/memory.swap.max)
+        echo pids $(cat /sys/fs/cgroup/pids.max)
+    else
+        echo cpu $(cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us /sys/fs/cgroup/cpu/cpu.cfs_period_us)
+        echo memory $(cat /sys/fs/cgroup/memory/memory.limit_in_bytes \
+            /sys/fs/cgroup/memory/memory.memsw.limit_in_bytes)
+        echo pids $(cat /sys/fs/cgroup/pids/pids.max)
+    fi
+    grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status
+    """
+    limits = ContainerLimits(cpu_millis=250, memory_bytes=48 << 20, pids=20)
+    result = await sh(executor, busybox_image, script, tmp_path, limits=limits)
+    assert result.outcome is Outcome.OK, result.stderr
+    facts = dict(line.split(None, 1) for line in result.stdout.decode().splitlines())
+    assert facts["cpu"] == "25000 100000"
+    memory, memsw = facts["memory"].split()
+    # v1 memsw = memory + swap = the limit; v2 swap.max = swap alone = 0.
+    assert memory == str(48 << 20) and memsw in {str(48 << 20), "0"}
+    assert facts["pids"] == "20"
+    assert facts["CapEff:"] == facts["CapBnd:"] == "0000000000000000"
+    assert facts["NoNewPrivs:"] == "1"
+    assert facts["Seccomp:"] == "2"
+
+
+async def test_inspect_check_names_every_dropped_limit(
+    executor: PodmanExecutor, busybox_image: str, tmp_path: Path
+) -> None:
+    options = create_options(
+        image_id=await executor.resolve_image(busybox_image),
+        command=["true"],
+        params=(),
+        limits=ContainerLimits(),
+        input_dir=out_dir(tmp_path, "in"),
+        output_dir=out_dir(tmp_path),
+        name="anvil-inspect-check",
+        labels={LABEL_OWNER: OWNER},
+    )
+    container = await asyncio.to_thread(executor.client.containers.create, **options)
+    try:
+        await asyncio.to_thread(container.reload)
+        attrs = container.attrs
+    finally:
+        await asyncio.to_thread(container.remove, force=True)
+    assert limits_not_applied(options, attrs) == []
+    host = attrs["HostConfig"]
+    for key, value, words in [
+        ("PidsLimit", 0, "pids limit"),
+        ("Memory", 0, "memory limit"),
+        ("MemorySwap", -1, "memory+swap limit"),
+        ("CpuQuota", 0, "CPU quota"),
+        ("NetworkMode", "bridge", "network mode"),
+        ("ReadonlyRootfs", False, "read-only rootfs"),
+        ("SecurityOpt", [], "no-new-privileges"),
+        ("CapAdd", ["CAP_SYS_ADMIN"], "capabilities added"),
+    ]:
+        broken = {**attrs, "HostConfig": {**host, key: value}}
+        problems = limits_not_applied(options, broken)
+        assert len(problems) == 1 and words in problems[0], (key, problems)
+    mounts = [{**m, "RW": True} for m in attrs["Mounts"]]
+    assert limits_not_applied(options, {**attrs, "Mounts": mounts}) == [
+        "/input writable is True, not False"
+    ]
+
+
+async def test_refuses_to_run_when_podman_drops_a_limit(
+    executor: PodmanExecutor,
+    busybox_image: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    marker = tmp_path / "out" / "ran"
+    real_create = executor.client.containers.create
+
+    def create_dropping_pids(image: str, **kwargs: Any) -> Any:
+        # What Podman does on hosts that cannot apply a limit: create without it.
+        kwargs.pop("pids_limit")
+        return real_create(image, **kwargs)
+
+    monkeypatch.setattr(executor.client.containers, "create", create_dropping_pids)
+    with pytest.raises(FailedPrecondition, match=r"refusing to run: pids limit is \S+, not 64"):
+        await executor.run(
+            busybox_image, command=["touch", "/output/ran"], output_dir=out_dir(tmp_path)
+        )
+    assert not marker.exists()
+    assert await executor.containers() == []
+
+
+async def test_images_are_pinned_and_never_pulled(
+    executor: PodmanExecutor, busybox_image: str, tmp_path: Path
+) -> None:
+    with pytest.raises(InvalidArgument, match="not pinned by digest"):
+        await executor.run("localhost/anvil-busybox:latest", output_dir=out_dir(tmp_path, "a"))
+    absent = "docker.io/library/busybox@sha256:" + "0" * 64
+    with pytest.raises(FailedPrecondition, match=r"never pulled.*podman load"):
+        await executor.run(absent, output_dir=out_dir(tmp_path, "b"))
+    # A manifest digest of the loaded image also pins it.
+    image = await asyncio.to_thread(executor.client.images.get, busybox_image)
+    by_manifest = f"localhost/anvil-busybox@{image.attrs['Digest']}"
+    assert await executor.resolve_image(by_manifest) == busybox_image.removeprefix("sha256:")
+
+
+# -- hostile containers --------------------------------------------------------
+
+
+async def test_fork_bomb_is_held_by_the_pids_limit(
+    executor: PodmanExecutor, busybox_image: str, tmp_path: Path
+) -> None:
+    # Only builtins once the bomb is off: no fork is left for anything else. The
+    # kernel counts the forks it refused for the limit in pids.events ("max N").
+    script = """
+    bomb() { bomb | bomb & }
+    bomb &
+    most=0; i=0; full=0
+    while [ $i -lt 100000 ] && [ $full -lt 3000 ]; do
+        set -- /proc/[0-9]*; [ $# -gt $most ] && most=$#
+        [ $most -ge 20 ] && full=$((full + 1))
+        i=$((i + 1))
+    done
+    echo most $most
+    for f in /sys/fs/cgroup/pids/pids.events /sys/fs/cgroup/pids.events; do
+        [ -r $f ] && read event count < $f && echo $event $count
+    done
+    exit 0
+    """
+    limits = ContainerLimits(pids=24, timeout_s=60)
+    result = await sh(executor, busybox_image, script, tmp_path, limits=limits)
+    assert result.outcome is Outcome.OK, (result.message, result.stderr[-500:])
+    facts = dict(line.split() for line in result.stdout.decode().splitlines())
+    assert int(facts["most"]) <= 24, facts  # never past the limit
+    assert int(facts["max"]) > 0, facts  # and the bomb did run into it
+    assert b"can't fork" in result.stderr
+
+
+async def test_memory_hog_is_killed_and_reported_as_memory_limit(
+    podman_socket: Path, busybox_image: str, tmp_path: Path
+) -> None:
+    cap = parse_capability(
+        "test:hog",
+        {
+            "podman_image": busybox_image,
+            "command": ["sh", "-c", "x=$(head -c 300000000 /dev/zero | tr '\\0' a); echo ${#x}"],
+            "memory_mib": 32,
+        },
+    )
+    job = await job_executor(podman_socket, tmp_path)
+    try:
+        outcome = await job.execute(
+            ExecutionRequest(
+                job_id="job-hog",
+                capability=cap,
+                module_path=None,
+                inputs=(),
+                params={},
+                output_dir=out_dir(tmp_path),
+                timeout_s=60,
+            )
+        )
+    finally:
+        await job.close()
+    assert outcome.state is JobState.FAILED
+    assert "guest hit its memory limit of 32 MiB" in outcome.error, outcome.error
+    assert outcome.stdout == b""
+
+
+async def test_network_egress_is_impossible(
+    executor: PodmanExecutor, busybox_image: str, tmp_path: Path
+) -> None:
+    # A listener on every host address: the container must reach none of them.
+    accepted: list[object] = []
+    with socket.create_server(("0.0.0.0", 0)) as server:
+        server.settimeout(0.2)
+        port = server.getsockname()[1]
+        stop = threading.Event()
+
+        def accept() -> None:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    accepted.append(server.accept())
+
+        thread = threading.Thread(target=accept)
+        thread.start()
+        try:
+            host_ip = _host_address()
+            script = f"""
+            cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '
+            echo probe | nc -w 2 {host_ip} {port} && echo CONNECTED
+            echo probe | nc -w 2 127.0.0.1 {port} && echo CONNECTED
+            wget -q -T 2 -O - http://{host_ip}:{port}/ && echo CONNECTED
+            exit 0
+            """
+            result = await sh(executor, busybox_image, script, tmp_path)
+        finally:
+            stop.set()
+            thread.join()
+    assert result.outcome is Outcome.OK, result.stderr
+    assert result.stdout.decode().split() == ["lo"]  # no interface but loopback
+    assert b"CONNECTED" not in result.stdout
+    assert b"unreachable" in result.stderr.lower() or b"refused" in result.stderr.lower()
+    assert accepted == []
+
+
+def _host_address() -> str:
+    """An address of this host other than loopback (the default route's source)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: nothing is sent
+            address = str(probe.getsockname()[0])
+        except OSError:
+            address = "127.0.0.1"
+    return address if not address.startswith("127.") else socket.gethostbyname(socket.gethostname())
+
+
+async def test_writes_to_rootfs_and_input_are_refused(
+    executor: PodmanExecutor, busybox_image: str, tmp_path: Path, text_file: Path
+) -> None:
+    script = """
+    for target in /etc/passwd /bin/new /new /input/0 /input/new /tmp/new; do
+        if echo x > $target; then echo "WROTE $target"; fi
+    done
+    rm -f /bin/busybox && echo "REMOVED busybox"
+    chmod 666 /input/0 && echo "CHMOD input"
+    mount -o remount,rw / && echo "REMOUNTED"
+    echo fine > /output/ok.txt
+    exit 0
+    """
+    result = await sh(executor, busybox_image, script, tmp_path, inputs=(text_file,))
+    assert result.outcome is Outcome.OK, result.stderr
+    assert result.stdout == b"", result.stdout
+    assert result.stderr.count(b"Read-only file system") >= 6, result.stderr
+    assert await asyncio.to_thread(text_file.read_text) == TEXT
+    assert [(f.name, f.path.read_bytes()) for f in result.outputs] == [("ok.txt", b"fine\n")]
+
+
+async def test_sleep_past_the_deadline_is_killed_and_removed(
+    executor: PodmanExecutor, busybox_image: str, tmp_path: Path
+) -> None:
+    started = time.monotonic()
+    result = await sh(
+        executor,
+        busybox_image,
+        "echo started; sleep 60",
+        tmp_path,
+        limits=ContainerLimits(timeout_s=1),
+    )
+    elapsed = time.monotonic() - started
+    assert result.outcome is Outcome.TIMED_OUT, result.message
+    assert (
+        result.message == "guest timed out after 1 s: killed while blocked in a host call "
+        "(sleep, stdin read, ...)"
+    )
+    assert result.stdout == b"started\n"
+    assert 1 <= elapsed < 10, elapsed
+    assert await executor.containers() == []
+
+
+async def test_cancelling_the_run_kills_and_removes_the_container(
+    executor: PodmanExecutor, busybox_image: str, tmp_path: Path
+) -> None:
+    task = asyncio.create_task(sh(executor, busybox_image, "sleep 60", tmp_path))
+    for _ in range(600):  # up to 30 s
+        if await _running(executor):
+            break
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail("the container never started")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await executor.containers() == []
+
+
+async def _running(executor: PodmanExecutor) -> bool:
+    found = await asyncio.to_thread(
+        executor.client.containers.list, all=True, filters={"label": f"{LABEL_OWNER}={OWNER}"}
+    )
+    return any(c.attrs.get("State") == "running" for c in found)  # list(): State is a string
+
+
+async def test_containers_left_by_a_crashed_peer_are_removed_at_start(
+    podman_socket: Path, busybox_image: str, tmp_path: Path
+) -> None:
+    async with PodmanExecutor(podman_socket, owner=OWNER) as first:
+        await asyncio.to_thread(
+            first.client.containers.create,
+            busybox_image.removeprefix("sha256:"),
+            command=["sleep", "60"],
+            labels={LABEL_OWNER: "crashed-peer", LABEL_JOB: "lost"},
+        )
+        left = await asyncio.to_thread(
+            first.client.containers.list, all=True, filters={"label": f"{LABEL_JOB}=lost"}
+        )
+        assert len(left) == 1
+    async with PodmanExecutor(podman_socket, owner="crashed-peer") as second:
+        assert await second.containers() == []
+
+
+# -- GPU -----------------------------------------------------------------------
+
+
+async def test_gpu_capability_gets_the_cdi_devices(
+    podman_socket: Path, busybox_image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cap = parse_capability(
+        "gpu:smi",
+        {"podman_image": busybox_image, "command": ["true"], "resources": {"gpu": "1"}},
+    )
+    job = await job_executor(podman_socket, tmp_path)
+    sent: list[dict[str, Any]] = []
+    real_create = job.executor.client.containers.create
+
+    def recording_create(image: str, **kwargs: Any) -> Any:
+        sent.append(CreateMixin._render_payload({"image": image, **kwargs}))
+        return real_create(image, **kwargs)
+
+    monkeypatch.setattr(job.executor.client.containers, "create", recording_create)
+    try:
+        outcome = await job.execute(
+            ExecutionRequest(
+                job_id="job-gpu",
+                capability=cap,
+                module_path=None,
+                inputs=(),
+                params={},
+                output_dir=out_dir(tmp_path),
+                timeout_s=30,
+            )
+        )
+        assert await job.executor.containers() == []
+    finally:
+        await job.close()
+    # Placement: a job that requires a GPU fits this capability, not one without `gpu`.
+    assert satisfies(cap.resources, {"gpu": "1"})
+    assert not satisfies(
+        parse_capability("cpu:only", {"podman_image": busybox_image}).resources, {"gpu": "1"}
+    )
+    (payload,) = sent
+    assert payload["devices"] == [{"path": "nvidia.com/gpu=all"}]
+    assert payload["netns"] == {"nsmode": "none"} and payload["read_only_filesystem"] is True
+    # No GPU and no CDI spec on this host: Podman itself refuses the device, at start.
+    assert outcome.state is JobState.FAILED
+    assert "CDI" in outcome.error and "nvidia.com/gpu=all" in outcome.error, outcome.error
+
+    configured = create_options(
+        image_id="0" * 64,
+        command=[],
+        params=(),
+        limits=ContainerLimits(),
+        input_dir=tmp_path,
+        output_dir=tmp_path,
+        name="n",
+        labels={},
+        devices=["nvidia.com/gpu=0", "nvidia.com/gpu=1"],
+    )
+    rendered = CreateMixin._render_payload(configured)
+    assert rendered["devices"] == [{"path": "nvidia.com/gpu=0"}, {"path": "nvidia.com/gpu=1"}]
+
+
+# -- through a real daemon -----------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+async def test_daemon_runs_the_example_capability(
+    podman_socket: Path, busybox_image: str, tmp_path: Path, database_url: str, text_file: Path
+) -> None:
+    secret = tmp_path / "auth.secret"
+    secret.write_text("podman-e2e-secret-" + "x" * 40 + "\n")
+    secret.chmod(0o600)
+    peers = PeerFactory(tmp_path / "peers", database_url, secret)
+    config = f"""
+[capabilities."demo:busybox-wc"]
+podman_image = "{busybox_image}"
+command = ["wc", "-w"]
+memory_mib = 64
+pids = 32
+"""
+    try:
+        peer = await asyncio.to_thread(
+            peers.start, config=config, ANVIL_PODMAN_SOCKET=str(podman_socket)
+        )
+        async with peer.client() as client:
+            ref = await client.upload(text_file)
+            submitted = await client.submit("demo:busybox-wc", inputs=[ref])
+            final = await asyncio.wait_for(client.wait(submitted.job_id), 60)
+    finally:
+        await asyncio.to_thread(peers.stop_all)
+    assert PROTO_TO_JOB_STATE[final.state] is JobState.SUCCEEDED, (final.error, peer.log()[-3000:])
+    assert final.output == b"9\n"
+    assert final.peer_id == peer.peer_id
