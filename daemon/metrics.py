@@ -42,7 +42,6 @@ from prometheus_client import (
 from daemon import __version__
 from daemon.exceptions import Unavailable
 from daemon.jobstate import JobState
-from daemon.storage import fabric
 from daemon.storage.fabric import Fabric, count_remote_bytes
 from daemon.storage.local_store import LocalSource
 from daemon.storage.source import ObjectReader
@@ -183,10 +182,6 @@ class MeteredOpener:
     @contextlib.asynccontextmanager
     async def _open(self) -> AsyncIterator[ObjectReader]:
         total = [0]
-        # The fabric counts what it pulls from other peers into the innermost
-        # count_remote_bytes() counter; pass ours on to the caller's (the
-        # runner's per-job count), which would otherwise miss these bytes.
-        outer = fabric._remote_bytes.get()
         with count_remote_bytes() as from_peers:
             try:
                 async with self._opener() as reader:
@@ -196,8 +191,6 @@ class MeteredOpener:
                     finally:
                         await chunks.aclose()
             finally:
-                if outer is not None:
-                    outer[0] += from_peers[0]
                 if isinstance(self._source, LocalSource):
                     remote = 0
                 elif isinstance(self._source, Fabric):

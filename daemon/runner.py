@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import time
 import uuid
@@ -266,13 +267,15 @@ class Runner:
             self._running.pop(job.job_id, None)
             self._per_capability[cap.name] -= 1
             metrics.JOBS_RUNNING.labels(cap.name).dec()
-            await asyncio.to_thread(shutil.rmtree, workdir, True)
             self.wake()
+            await asyncio.to_thread(shutil.rmtree, workdir, True)
 
     async def _attempt(self, job: Job, cap: LocalCapability, workdir: Path) -> Outcome:
         input_dir, output_dir = workdir / "in", workdir / "out"
-        input_dir.mkdir(parents=True)
-        output_dir.mkdir()
+        # One syscall path per job on the hot path; the input folder only when used.
+        os.makedirs(output_dir)
+        if job.inputs:
+            os.mkdir(input_dir)
         try:
             inputs = []
             with count_remote_bytes() as remote:

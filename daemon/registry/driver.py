@@ -41,9 +41,9 @@ async def open_pool(
         timeout=timeout,
         kwargs={"row_factory": dict_row},
         configure=_configure,
-        # A server restart leaves dead sockets in the pool; checking on checkout
-        # turns them into reconnects instead of failed requests.
-        check=psycopg_pool.AsyncConnectionPool.check_connection,
+        # No check on checkout: it costs a round trip per query. A connection
+        # broken by a server restart fails one query (RegistryUnavailable, which
+        # every caller retries or reports) and the pool then replaces it.
         name="anvil-registry",
     )
     try:

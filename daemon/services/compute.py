@@ -12,7 +12,7 @@ from typing import Any
 from grpc import aio
 
 from daemon import auth, convert, metrics
-from daemon.exceptions import InvalidArgument, NoCapablePeer
+from daemon.exceptions import DeadlineExceeded, InvalidArgument, NoCapablePeer
 from daemon.membership import MembershipView
 from daemon.pb.anvil import compute_pb2, compute_pb2_grpc
 from daemon.registry import Registry
@@ -29,6 +29,7 @@ from daemon.watch import JobEventHub
 Context = aio.ServicerContext[Any, Any]
 # A watch re-reads its job at least this often, in case a notification was lost.
 WATCH_BACKSTOP_S = 5.0
+MIN_SUBMIT_BUDGET_S = 0.005
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -92,6 +93,14 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
     async def SubmitJob(
         self, request: compute_pb2.SubmitJobRequest, context: Context
     ) -> compute_pb2.SubmitJobResponse:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining < MIN_SUBMIT_BUDGET_S:
+            # Too little time left to record the job and answer: refuse before
+            # writing, rather than create a job the caller will never hear of.
+            raise DeadlineExceeded(
+                f"{remaining * 1000:.0f} ms left of the call's deadline; need at least "
+                f"{MIN_SUBMIT_BUDGET_S * 1000:.0f} ms to record a job"
+            )
         job_id = uuid.uuid4()
         for ref in request.inputs:
             parse_ref(ref)  # a malformed ref is refused before anything is written

@@ -38,13 +38,20 @@ _remote_bytes: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar
 
 @contextlib.contextmanager
 def count_remote_bytes() -> Iterator[list[int]]:
-    """Count, in `counter[0]`, the bytes this task's reads pull from other peers."""
+    """Count, in `counter[0]`, the bytes this task's reads pull from other peers.
+
+    Counts nest: on exit, an inner block's count is added to the enclosing one,
+    so a per-fetch count (metrics) and a per-job count (runner) both see it.
+    """
+    outer = _remote_bytes.get()
     counter = [0]
     token = _remote_bytes.set(counter)
     try:
         yield counter
     finally:
         _remote_bytes.reset(token)
+        if outer is not None:
+            outer[0] += counter[0]
 
 
 @dataclass(frozen=True, slots=True)

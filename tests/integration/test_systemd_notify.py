@@ -1,8 +1,9 @@
 """`anvil-compute serve` under a stand-in for systemd: a notify socket this test owns.
 
 A real daemon process, a real PostgreSQL: READY=1 only once migrations and
-registration are done, WATCHDOG=1 from start to stop, STOPPING=1 on SIGTERM;
-a bad config stops it at start with one line on stderr and exit code 1.
+registration are done, WATCHDOG=1 from start to stop, STOPPING=1 on SIGTERM
+while a job still runs (health NOT_SERVING, the job finishes); a bad config
+stops it at start with one line on stderr and exit code 1.
 """
 
 from __future__ import annotations
@@ -12,53 +13,78 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import psycopg
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from daemon.capability_config import example_capabilities
+from daemon.convert import PROTO_TO_JOB_STATE
+from daemon.jobstate import JobState
+from daemon.pb.anvil import compute_pb2, compute_pb2_grpc
 from tests.e2e.cluster import free_port
+from tests.e2e.guests import SLEEP_WAT, write_guest
 
 
-@dataclass
 class NotifySocket:
-    """A bound AF_UNIX datagram socket that records what the daemon sends."""
+    """A bound AF_UNIX datagram socket, read all the time (as systemd does) and recorded."""
 
-    sock: socket.socket
-    address: str  # the NOTIFY_SOCKET value
-    received: list[tuple[float, dict[str, str]]] = field(default_factory=list)
+    def __init__(self, sock: socket.socket, address: str) -> None:
+        self.sock = sock
+        self.address = address  # the NOTIFY_SOCKET value
+        self.received: list[tuple[float, dict[str, str]]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
 
-    def receive(self, timeout_s: float) -> dict[str, str] | None:
-        self.sock.settimeout(timeout_s)
-        try:
-            data = self.sock.recv(4096)
-        except TimeoutError:
-            return None
-        fields = dict(line.split("=", 1) for line in data.decode().splitlines())
-        self.received.append((time.monotonic(), fields))
-        return fields
+    def _read(self) -> None:
+        self.sock.settimeout(0.05)
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines())
+            with self._lock:
+                self.received.append((time.monotonic(), fields))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def messages(self) -> list[tuple[float, dict[str, str]]]:
+        with self._lock:
+            return list(self.received)
 
     def wait_for(
         self, key: str, process: subprocess.Popen[bytes], timeout_s: float
-    ) -> dict[str, str]:
+    ) -> tuple[float, dict[str, str]]:
+        """The first message setting `key` (when it arrived, its fields)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            fields = self.receive(0.2)
-            if fields is not None and key in fields:
-                return fields
-            if fields is None and process.poll() is not None:
-                break
+            found = [(t, f) for t, f in self.messages() if key in f]
+            if found:
+                return found[0]
+            if process.poll() is not None:
+                time.sleep(0.2)  # what it sent just before exiting
+                if not any(key in f for _, f in self.messages()):
+                    break
+            time.sleep(0.02)
         raise AssertionError(
-            f"no {key} within {timeout_s} s (exit code {process.poll()}); got {self.received}"
+            f"no {key} within {timeout_s} s (exit code {process.poll()}); got {self.messages()}"
         )
 
     def count(self, key: str) -> int:
-        return sum(key in fields for _, fields in self.received)
+        return sum(key in fields for _, fields in self.messages())
+
+    def statuses(self) -> list[str]:
+        return [f["STATUS"] for _, f in self.messages() if "STATUS" in f]
 
 
 @pytest.fixture
@@ -66,7 +92,9 @@ def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
     path = tmp_path / "notify.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(str(path))
-        yield NotifySocket(sock=sock, address=str(path))
+        notify = NotifySocket(sock, str(path))
+        yield notify
+        notify.close()
 
 
 def serve_process(
@@ -95,6 +123,15 @@ def peer_row(url: str, peer_id: str) -> tuple[str, int] | None:
     return None if row is None else (str(row[0]), int(caps[0]) if caps else 0)
 
 
+def job_state(stub: compute_pb2_grpc.ComputeServiceStub, job_id: str, token: str) -> JobState:
+    status = stub.GetJobStatus(
+        compute_pb2.GetJobStatusRequest(job_id=job_id),
+        metadata=(("authorization", f"Bearer {token}"),),
+        timeout=10,
+    )
+    return PROTO_TO_JOB_STATE[status.state]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_ready_watchdog_and_stopping_reach_the_notify_socket(
@@ -102,6 +139,10 @@ def test_ready_watchdog_and_stopping_reach_the_notify_socket(
 ) -> None:
     data_dir = tmp_path / "peer"
     log_path = tmp_path / "daemon.log"
+    sleep = write_guest(tmp_path, "sleep", SLEEP_WAT.replace("NANOS", str(2_000_000_000)))
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(f'[capabilities."test:sleep"]\nwasm = "{sleep}"\n')
+    address = f"127.0.0.1:{free_port()}"
     process = serve_process(
         data_dir,
         log_path,
@@ -109,41 +150,68 @@ def test_ready_watchdog_and_stopping_reach_the_notify_socket(
             # A brand-new database: the daemon must migrate it before READY=1.
             "ANVIL_DATABASE_URL": empty_database_url,
             "ANVIL_METRICS_LISTEN": "",
-            "ANVIL_DRAIN_GRACE_S": "5",
+            "ANVIL_DRAIN_GRACE_S": "20",
             "NOTIFY_SOCKET": notify_socket.address,
             "WATCHDOG_USEC": "300000",  # a ping every 0.15 s
         },
         "--listen",
-        f"127.0.0.1:{free_port()}",
+        address,
+        "--config",
+        str(config_file),
     )
     try:
-        ready = notify_socket.wait_for("READY", process, timeout_s=90)
-        ready_at = time.monotonic()
-        # At READY=1 the schema exists and this peer is registered with its capabilities.
+        ready_at, ready = notify_socket.wait_for("READY", process, timeout_s=90)
+        # At READY=1 the schema exists and this peer is registered with its capability.
         peer_id = (data_dir / "peer_id").read_text().strip()
-        state = peer_row(empty_database_url, peer_id)
-        assert state == ("up", len(example_capabilities())), state
+        assert peer_row(empty_database_url, peer_id) == ("up", 1)
         assert ready["READY"] == "1" and peer_id in ready.get("STATUS", ""), ready
-        assert notify_socket.count("WATCHDOG") >= 1, "no WATCHDOG=1 while starting"
-        starting = [f for _, f in notify_socket.received if "starting" in f.get("STATUS", "")]
-        assert starting, notify_socket.received
+        early = [t for t, f in notify_socket.messages() if "WATCHDOG" in f and t < ready_at]
+        assert early, "no WATCHDOG=1 while starting"
+        assert notify_socket.statuses()[0].startswith("starting"), notify_socket.statuses()
+        time.sleep(max(0.0, ready_at + 1.0 - time.monotonic()))
+        pings = [t for t, f in notify_socket.messages() if "WATCHDOG" in f and t > ready_at]
+        assert len(pings) >= 3, notify_socket.messages()
 
-        before = notify_socket.count("WATCHDOG")
-        while time.monotonic() - ready_at < 1.0:
-            notify_socket.receive(0.2)
-        assert notify_socket.count("WATCHDOG") - before >= 3, notify_socket.received
+        token = (data_dir / "client.token").read_text().strip()
+        with grpc.insecure_channel(address) as channel:
+            stub = compute_pb2_grpc.ComputeServiceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            job_id = stub.SubmitJob(
+                compute_pb2.SubmitJobRequest(capability="test:sleep", region="local"),
+                metadata=(("authorization", f"Bearer {token}"),),
+                timeout=30,
+            ).job_id
+            deadline = time.monotonic() + 30
+            while job_state(stub, job_id, token) is not JobState.RUNNING:
+                assert time.monotonic() < deadline, "the job never started"
+                time.sleep(0.05)
 
-        process.send_signal(signal.SIGTERM)
-        stopping = notify_socket.wait_for("STOPPING", process, timeout_s=30)
-        assert stopping["STOPPING"] == "1" and "draining" in stopping.get("STATUS", "")
+            stop_at = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            _, stopping = notify_socket.wait_for("STOPPING", process, timeout_s=30)
+            assert stopping["STOPPING"] == "1"
+            assert stopping.get("STATUS", "").startswith("draining: 1 job(s) running"), stopping
+            # Draining: health says so while the running job finishes.
+            deadline = time.monotonic() + 10
+            while True:
+                reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+                if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                assert time.monotonic() < deadline, "health never left SERVING"
+                time.sleep(0.05)
+            assert process.poll() is None, "exited before its running job finished"
         assert process.wait(60) == 0, log_path.read_text()[-3000:]
-        while notify_socket.receive(0.2) is not None:
-            pass
-        statuses = [f["STATUS"] for _, f in notify_socket.received if "STATUS" in f]
-        assert statuses[-1] == "stopped", statuses
-        extend = [f for _, f in notify_socket.received if "EXTEND_TIMEOUT_USEC" in f]
-        assert extend and int(extend[0]["EXTEND_TIMEOUT_USEC"]) >= 5_000_000
-        # Drained and deregistered before it exited.
+        time.sleep(0.3)  # the last datagrams
+        assert notify_socket.statuses()[-1] == "stopped", notify_socket.statuses()
+        # The watchdog kept pinging through the drain (the job slept about 2 s of it).
+        drain_pings = [t for t, f in notify_socket.messages() if "WATCHDOG" in f and t > stop_at]
+        assert len(drain_pings) >= 5, notify_socket.messages()
+        extend = [f for _, f in notify_socket.messages() if "EXTEND_TIMEOUT_USEC" in f]
+        assert extend and int(extend[0]["EXTEND_TIMEOUT_USEC"]) >= 20_000_000
+        # The job finished during the drain; the peer deregistered before it exited.
+        with psycopg.connect(empty_database_url) as conn:
+            row = conn.execute("SELECT state FROM jobs WHERE job_id = %s", (job_id,)).fetchone()
+        assert row == ("succeeded",)
         assert peer_row(empty_database_url, peer_id) == ("down", 0)
     finally:
         if process.poll() is None:
@@ -160,17 +228,17 @@ def test_abstract_notify_socket_and_no_watchdog_without_watchdog_usec(tmp_path: 
     name = f"anvil-test-{uuid.uuid4().hex}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind("\0" + name)
-        notify = NotifySocket(sock=sock, address="@" + name)
+        notify = NotifySocket(sock, "@" + name)
         process = serve_process(
             tmp_path / "peer",
             tmp_path / "daemon.log",
             {"NOTIFY_SOCKET": f"@{name}", "ANVIL_LEASE_S": "soon"},
         )
         assert process.wait(60) == 1
-        while notify.receive(0.2) is not None:
-            pass
+        notify.wait_for("STATUS", process, timeout_s=5)
+        notify.close()
     assert notify.count("WATCHDOG") == 0
-    (status,) = [f["STATUS"] for _, f in notify.received if "STATUS" in f]
+    (status,) = notify.statuses()
     assert status.startswith("failed: bad value for 'lease_s'"), status
 
 

@@ -1,0 +1,118 @@
+"""The client commands as a user runs them, against a real peer; reflection; auth off."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from daemon.client import ComputeClient
+from tests.e2e.cluster import Peer, PeerFactory
+from tests.e2e.guests import examples_config
+
+pytestmark = pytest.mark.e2e
+
+
+def cli(peer: Peer, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "daemon.cli",
+            *args,
+            "--endpoint",
+            peer.address,
+            "--data-dir",
+            str(peer.data_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture
+async def peer(peers: PeerFactory) -> Peer:
+    return await asyncio.to_thread(peers.start, config=examples_config())
+
+
+async def test_submit_wait_status_capabilities_cancel(peer: Peer, tmp_path: Path) -> None:
+    mode = stat.S_IMODE((peer.data_dir / "client.token").stat().st_mode)
+    assert mode == 0o600
+    text = tmp_path / "words.txt"
+    text.write_text("to be or not to be\n")
+    done = await asyncio.to_thread(
+        cli, peer, "submit", "text:wordcount", "--input", str(text), "--wait"
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["words"] == 6
+    job_id = (await asyncio.to_thread(cli, peer, "submit", "text:wordcount")).stdout.strip()
+    status = await asyncio.to_thread(cli, peer, "status", job_id)
+    assert json.loads(status.stdout)["job_id"] == job_id
+    watched = await asyncio.to_thread(cli, peer, "watch", job_id)
+    assert watched.returncode == 0 and "SUCCEEDED" in watched.stdout
+    cancel = await asyncio.to_thread(cli, peer, "cancel", job_id)
+    assert cancel.returncode == 1 and "FAILED_PRECONDITION" in cancel.stderr
+    caps = await asyncio.to_thread(cli, peer, "capabilities", "--live")
+    assert caps.returncode == 0
+    assert {line.split()[0] for line in caps.stdout.splitlines()} == {
+        "text:wordcount",
+        "data:csv-aggregate",
+        "image:resize",
+        "inference:digits",
+    }
+    bad = await asyncio.to_thread(cli, peer, "submit", "no:such", "--param", "x")
+    assert bad.returncode == 1 and "--param 'x': expected KEY=VALUE" in bad.stderr
+
+
+def test_reflection_lists_every_service(peer: Peer) -> None:
+    with grpc.insecure_channel(peer.address) as channel:
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {
+        "anvil.ComputeService",
+        "anvil.PeerService",
+        "anvil.ObjectService",
+        "grpc.health.v1.Health",
+    } <= services
+
+
+async def test_auth_can_be_switched_off_only_explicitly(peers: PeerFactory) -> None:
+    peer = await asyncio.to_thread(peers.start, config=examples_config(), ANVIL_AUTH="off")
+    async with ComputeClient(peer.address) as client:
+        caps = await client.capabilities("text:wordcount")
+    assert [c.capability for c in caps] == ["text:wordcount"]
+    assert not (peer.data_dir / "client.token").exists()
+    with pytest.raises(RuntimeError, match="bad value for 'auth'"):
+        await asyncio.to_thread(peers.start, config=examples_config(), ANVIL_AUTH="no")
+
+
+async def test_a_nearly_spent_deadline_is_refused_before_writing(
+    peer: Peer, database_url: str
+) -> None:
+    import psycopg
+    from grpc import aio
+
+    from daemon.pb.anvil import compute_pb2
+
+    async with peer.client() as client:
+        await client.capabilities()  # connected: the next call's budget is all server time
+        for _ in range(20):
+            with pytest.raises(aio.AioRpcError) as info:
+                await client.stub.SubmitJob(
+                    compute_pb2.SubmitJobRequest(capability="text:wordcount", region="local"),
+                    metadata=client.metadata,
+                    timeout=0.004,
+                )
+            assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
