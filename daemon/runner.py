@@ -65,6 +65,17 @@ class _Running:
     finishing: bool = False
 
 
+async def _remove_workdir(workdir: Path) -> None:
+    """Most jobs leave an empty output folder: two rmdir calls, no thread hop."""
+    try:
+        for leaf in ("out", "in"):
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(workdir / leaf)
+        os.rmdir(workdir)
+    except OSError:  # not empty (inputs, outputs left behind): the slow way
+        await asyncio.to_thread(shutil.rmtree, workdir, True)
+
+
 class Runner:
     def __init__(
         self,
@@ -268,7 +279,7 @@ class Runner:
             self._per_capability[cap.name] -= 1
             metrics.JOBS_RUNNING.labels(cap.name).dec()
             self.wake()
-            await asyncio.to_thread(shutil.rmtree, workdir, True)
+            await _remove_workdir(workdir)
 
     async def _attempt(self, job: Job, cap: LocalCapability, workdir: Path) -> Outcome:
         input_dir, output_dir = workdir / "in", workdir / "out"
