@@ -122,6 +122,8 @@ class MembershipView:
                 await self.refresh()
             except AnvilError as exc:
                 log.warning("membership refresh failed: %s", exc)
+            except Exception:
+                log.exception("membership refresh failed unexpectedly")
 
     async def _load_loop(self) -> None:
         while True:
@@ -130,6 +132,8 @@ class MembershipView:
                 await self.refresh_loads()
             except AnvilError as exc:
                 log.warning("load refresh failed: %s", exc)
+            except Exception:
+                log.exception("load refresh failed unexpectedly")
 
     async def _listen(self) -> None:
         assert self._listener is not None

@@ -24,7 +24,7 @@ from grpc import aio
 from daemon import __version__, auth
 from daemon.config import Settings
 from daemon.dispatch import PeerLinks
-from daemon.exceptions import AnvilError, ConfigError
+from daemon.exceptions import AnvilError, ConfigError, NotFound
 from daemon.execution import JobExecutor
 from daemon.membership import MembershipView
 from daemon.registry import Registry
@@ -198,20 +198,7 @@ class Node:
         self._cleanup.append(lambda: server.stop(1.0))
         self.address = s.advertise or server.address
 
-        await registry.peers.upsert(
-            peer_id=peer_id, address=self.address, region=s.region, version=__version__
-        )
-        for cap in s.capabilities:
-            await registry.capabilities.register(
-                CapabilitySpec(
-                    peer_id=peer_id,
-                    region=s.region,
-                    capability=cap.name,
-                    resources=cap.resources,
-                    max_concurrency=cap.max_concurrency,
-                    executor=cap.executor_message(),
-                )
-            )
+        await self._announce(prune=True)
         await view.start()
         await runner.start()
         self._cleanup.append(runner.close)
@@ -231,6 +218,33 @@ class Node:
             s.region,
             ", ".join(sorted(capabilities)) or "none",
         )
+
+    async def _announce(self, *, prune: bool = False) -> None:
+        """Register this peer and the capabilities it runs (idempotent upserts).
+
+        With `prune`, rows for capabilities this peer no longer offers are
+        removed: they would attract jobs that nobody here claims.
+        """
+        s, registry, peer_id = self.settings, self.registry, self.peer_id
+        assert registry is not None and peer_id is not None
+        await registry.peers.upsert(
+            peer_id=peer_id, address=self.address, region=s.region, version=__version__
+        )
+        if prune:
+            stale = await registry.capabilities.prune(peer_id, [c.name for c in s.capabilities])
+            if stale:
+                log.warning("no longer offering %s: removed from the registry", ", ".join(stale))
+        for cap in s.capabilities:
+            await registry.capabilities.register(
+                CapabilitySpec(
+                    peer_id=peer_id,
+                    region=s.region,
+                    capability=cap.name,
+                    resources=cap.resources,
+                    max_concurrency=cap.max_concurrency,
+                    executor=cap.executor_message(),
+                )
+            )
 
     def _peer_bearer(self) -> str | None:
         if self._secret is None:
@@ -268,8 +282,14 @@ class Node:
             await asyncio.sleep(self.settings.heartbeat_s)
             try:
                 await self.registry.peers.heartbeat(self.peer_id)
+            except NotFound:
+                # The row is gone (deleted by hand, a restored database): announce
+                # this peer again, or it would never be placed on.
+                await self._announce()
             except AnvilError as exc:
                 log.warning("heartbeat failed: %s", exc)
+            except Exception:
+                log.exception("heartbeat failed")
 
     async def _queue_notifications(self, listener: Listener) -> None:
         assert self.runner is not None and self.peer_id is not None
@@ -291,8 +311,12 @@ class Node:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # a loop that died must not stop the shutdown
+                log.exception("background task %s had failed", task.get_name())
         if self.registry is not None and self.peer_id is not None:
             with contextlib.suppress(AnvilError):
                 await self.registry.capabilities.deregister_peer(self.peer_id)

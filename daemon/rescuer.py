@@ -40,6 +40,8 @@ class Rescuer:
                 await self.sweep()
             except AnvilError as exc:
                 log.warning("rescue sweep failed: %s", exc)
+            except Exception:
+                log.exception("rescue sweep failed unexpectedly")
 
     async def sweep(self) -> int:
         """One pass: mark silent peers down, take queued jobs off unavailable peers,

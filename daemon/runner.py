@@ -25,7 +25,7 @@ from urllib.parse import quote
 
 from daemon import metrics
 from daemon.capability_config import LocalCapability
-from daemon.exceptions import AnvilError, FailedPrecondition, RegistryUnavailable
+from daemon.exceptions import AnvilError, FailedPrecondition, RegistryUnavailable, Unavailable
 from daemon.execution import ExecutionOutcome, ExecutionRequest, JobExecutor
 from daemon.jobstate import JobState
 from daemon.registry import Registry
@@ -139,6 +139,8 @@ class Runner:
         if pending:
             await asyncio.wait(pending, timeout=grace_s)
         for running in list(self._running.values()):
+            if running.finishing:
+                continue  # its result is being written: let it land
             running.lost = "handed back: peer draining"
             running.task.cancel()
             with contextlib.suppress(AnvilError):
@@ -149,6 +151,9 @@ class Runner:
                     next_peer_id=None,
                     error="peer drained before the job finished; re-placed",
                 )
+        writing = [r.task for r in self._running.values() if r.finishing]
+        if writing:
+            await asyncio.wait(writing, timeout=5)
         await self.close()
 
     async def close(self) -> None:
@@ -172,6 +177,9 @@ class Runner:
             except AnvilError as exc:
                 log.warning("claiming failed: %s", exc)
                 await asyncio.sleep(self._options.poll_interval_s)
+            except Exception:
+                log.exception("claiming failed unexpectedly")
+                await asyncio.sleep(self._options.poll_interval_s)
 
     async def _claim_free_slots(self) -> None:
         for name, cap in self._capabilities.items():
@@ -194,7 +202,19 @@ class Runner:
         self._per_capability[cap.name] += 1
         metrics.JOBS_RUNNING.labels(cap.name).inc()
         task = asyncio.create_task(self._run(job, cap), name=f"job-{job.job_id}")
-        self._running[job.job_id] = _Running(job=job, task=task)
+        entry = _Running(job=job, task=task)
+        self._running[job.job_id] = entry
+        # In a done-callback, not the task's `finally`: it runs even for a task
+        # cancelled before its first step, and it only removes this very entry
+        # (a newer attempt of the same job may already be running here).
+        task.add_done_callback(lambda _: self._done(entry, cap))
+
+    def _done(self, entry: _Running, cap: LocalCapability) -> None:
+        if self._running.get(entry.job.job_id) is entry:
+            del self._running[entry.job.job_id]
+        self._per_capability[cap.name] -= 1
+        metrics.JOBS_RUNNING.labels(cap.name).dec()
+        self.wake()
 
     def _on_job_event(self, job_id: uuid.UUID, state: str, attempt: int) -> None:
         running = self._running.get(job_id)
@@ -227,15 +247,23 @@ class Runner:
                 self._last_renewal = time.monotonic()
                 continue
             try:
-                kept = await self._registry.jobs.renew_leases(
-                    self._peer_id, owned, lease=self._options.lease
-                )
-            except AnvilError as exc:
+                # Bounded: a registry that hangs (partition, black-holed socket)
+                # must not keep this loop from the kill below.
+                async with asyncio.timeout(lease_s / 3):
+                    kept = await self._registry.jobs.renew_leases(
+                        self._peer_id, owned, lease=self._options.lease
+                    )
+            except (AnvilError, TimeoutError) as exc:
                 # Kill our guests before the leases can expire: past that point
-                # another peer may rescue and re-run the jobs.
-                if time.monotonic() - self._last_renewal > lease_s * 2 / 3:
+                # another peer may rescue and re-run the jobs. The last renewal
+                # gave them `lease` from then; this fires by lease * 2/3.
+                if time.monotonic() - self._last_renewal > lease_s / 2:
+                    reason = str(exc) or "the registry did not answer in time"
                     for running in list(self._running.values()):
-                        self._lose(running, f"cannot renew lease: {exc}")
+                        self._lose(running, f"cannot renew lease: {reason}")
+                continue
+            except Exception:
+                log.exception("lease renewal failed unexpectedly")
                 continue
             self._last_renewal = time.monotonic()
             for job_id, _ in owned:
@@ -253,7 +281,7 @@ class Runner:
             outcome = await self._attempt(job, cap, workdir)
             metrics.job_finished(cap.name, outcome.state, time.monotonic() - began)
             running = self._running.get(job.job_id)
-            if running is not None:
+            if running is not None and running.job.attempt == job.attempt:
                 running.finishing = True
             await self._finish(job, outcome)
         except asyncio.CancelledError:
@@ -266,6 +294,21 @@ class Runner:
                 job.attempt,
                 running.lost if running else "shutdown",
             )
+        except Unavailable as exc:
+            # Storage or a peer was unreachable (fetching inputs, storing
+            # outputs): nothing is wrong with the job, so it is handed back to be
+            # placed again rather than failed.
+            log.warning("job %s attempt %d handed back: %s", job.job_id, job.attempt, exc)
+            if outcome is None:
+                metrics.JOBS_STOPPED.labels(cap.name).inc()
+            with contextlib.suppress(AnvilError):
+                await self._registry.jobs.release(
+                    job.job_id,
+                    peer_id=self._peer_id,
+                    attempt=job.attempt,
+                    next_peer_id=None,
+                    error=f"handed back: {exc}",
+                )
         except Exception:
             log.exception("job %s attempt %d crashed the runner", job.job_id, job.attempt)
             if outcome is None:
@@ -275,10 +318,6 @@ class Runner:
                     job, Outcome(state=JobState.FAILED, error="internal error on the peer")
                 )
         finally:
-            self._running.pop(job.job_id, None)
-            self._per_capability[cap.name] -= 1
-            metrics.JOBS_RUNNING.labels(cap.name).dec()
-            self.wake()
             await _remove_workdir(workdir)
 
     async def _attempt(self, job: Job, cap: LocalCapability, workdir: Path) -> Outcome:
@@ -295,6 +334,8 @@ class Runner:
                     await self._fetcher.fetch_to(ref, dest)
                     inputs.append(dest)
             module_path = await self._module(cap, workdir) if cap.kind == "wasm" else None
+        except Unavailable:
+            raise  # transient: the job is handed back, not failed (see _run)
         except AnvilError as exc:
             return Outcome(state=JobState.FAILED, error=f"fetching inputs failed: {exc}")
         executor = self._executors.get(cap.kind)

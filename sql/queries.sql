@@ -25,6 +25,13 @@ RETURNING peer_id;
 -- name: delete_peer_capabilities
 DELETE FROM compute_capabilities WHERE peer_id = %(peer_id)s;
 
+-- name: prune_peer_capabilities
+-- At start: rows this peer registered earlier but no longer offers would
+-- attract jobs it never claims.
+DELETE FROM compute_capabilities
+WHERE peer_id = %(peer_id)s AND NOT (capability = ANY(%(keep)s))
+RETURNING capability;
+
 -- name: list_capabilities
 SELECT c.peer_id, c.region, c.capability, c.resources, c.max_concurrency,
        e.executor, p.address,
@@ -46,8 +53,12 @@ ON CONFLICT (peer_id) DO UPDATE
 RETURNING *, true AS live;
 
 -- name: heartbeat_peer
-UPDATE peers SET heartbeat_at = now()
-WHERE peer_id = %(peer_id)s AND state <> 'down'
+-- A peer marked down while it could not reach the registry (an outage, a
+-- partition, a stalled loop) is alive again as soon as it heartbeats; only a
+-- draining peer stays out.
+UPDATE peers
+SET heartbeat_at = now(), state = CASE WHEN state = 'down' THEN 'up' ELSE state END
+WHERE peer_id = %(peer_id)s
 RETURNING peer_id;
 
 -- name: set_peer_state

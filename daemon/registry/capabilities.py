@@ -54,6 +54,16 @@ class CapabilityStore:
                         f"peer {peer_id} has no capability {capability!r} registered"
                     )
 
+    async def prune(self, peer_id: uuid.UUID, keep: list[str]) -> list[str]:
+        """Remove this peer's rows for capabilities not in `keep`; return those removed."""
+        with translate_errors():
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(
+                    queries.get("prune_peer_capabilities"), {"peer_id": peer_id, "keep": keep}
+                )
+                rows = await cur.fetchall()
+        return [row["capability"] for row in rows]
+
     async def deregister_peer(self, peer_id: uuid.UUID) -> None:
         with translate_errors():
             async with self._pool.connection() as conn:

@@ -20,6 +20,17 @@ from daemon.exceptions import (
 
 Pool = psycopg_pool.AsyncConnectionPool[psycopg.AsyncConnection[dict[str, Any]]]
 
+# A lost server must surface as an error within seconds, not after the kernel's
+# TCP timeouts (minutes): peers decide from it when to kill their own guests.
+CONNECT_OPTIONS: dict[str, Any] = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,
+}
+
 
 async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
     # Autocommit: every named query is one statement, hence its own transaction;
@@ -39,7 +50,7 @@ async def open_pool(
         max_size=max_size,
         open=False,
         timeout=timeout,
-        kwargs={"row_factory": dict_row},
+        kwargs={"row_factory": dict_row, **CONNECT_OPTIONS},
         configure=_configure,
         # No check on checkout: it costs a round trip per query. A connection
         # broken by a server restart fails one query (RegistryUnavailable, which

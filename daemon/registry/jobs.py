@@ -101,17 +101,29 @@ class JobStore:
             row = await self._one("insert_job", params)
             if row is not None:
                 return SubmitResult(job=Job.from_row(row), existing=False)
-            row = await self._one(
-                "get_job_by_idempotency_key", {"idempotency_key": spec.idempotency_key}
-            )
-            if row is not None:
-                if row["request_sha256"] != digest:
-                    raise IdempotencyConflict(
-                        f"idempotency key {spec.idempotency_key!r} was already used by job "
-                        f"{row['job_id']} for a different request"
-                    )
-                return SubmitResult(job=Job.from_row(row), existing=True)
+            earlier = await self.find_idempotent(spec)
+            if earlier is not None:
+                return earlier
         raise IdempotencyConflict(f"idempotency key {spec.idempotency_key!r} is contended")
+
+    async def find_idempotent(self, spec: JobSpec) -> SubmitResult | None:
+        """The job submitted earlier with spec's idempotency key, if any.
+
+        Raises IdempotencyConflict when that job was a different request.
+        """
+        if spec.idempotency_key is None:
+            return None
+        row = await self._one(
+            "get_job_by_idempotency_key", {"idempotency_key": spec.idempotency_key}
+        )
+        if row is None:
+            return None
+        if row["request_sha256"] != spec.request_sha256():
+            raise IdempotencyConflict(
+                f"idempotency key {spec.idempotency_key!r} was already used by job "
+                f"{row['job_id']} for a different request"
+            )
+        return SubmitResult(job=Job.from_row(row), existing=True)
 
     async def get(self, job_id: uuid.UUID) -> Job:
         row = await self._one("get_job", {"job_id": job_id})

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from daemon.registry.driver import CONNECT_OPTIONS
+
 log = logging.getLogger(__name__)
 
 _CHANNEL_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -97,7 +99,7 @@ class Listener:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
-                    self._url, autocommit=True
+                    self._url, autocommit=True, **CONNECT_OPTIONS
                 ) as conn:
                     for channel in self._channels:
                         await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))

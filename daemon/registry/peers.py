@@ -34,12 +34,12 @@ class PeerStore:
         return Peer.from_row(row)
 
     async def heartbeat(self, peer_id: uuid.UUID) -> None:
-        """Refresh the heartbeat; raise NotFound if the peer is unknown or marked down."""
+        """Refresh the heartbeat (reviving a peer marked down); NotFound if unknown."""
         with translate_errors():
             async with self._pool.connection() as conn:
                 cur = await conn.execute(queries.get("heartbeat_peer"), {"peer_id": peer_id})
                 if await cur.fetchone() is None:
-                    raise NotFound(f"peer {peer_id} is not registered or is marked down")
+                    raise NotFound(f"peer {peer_id} is not registered")
 
     async def set_state(self, peer_id: uuid.UUID, state: str) -> Peer:
         if state not in PEER_STATES:

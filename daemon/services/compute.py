@@ -19,6 +19,7 @@ from daemon.registry import Registry
 from daemon.registry.models import (
     DEFAULT_MAX_ATTEMPTS,
     CapabilitySpec,
+    Job,
     JobSpec,
     parse_uuid,
 )
@@ -117,6 +118,12 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
             max_attempts=request.max_attempts or DEFAULT_MAX_ATTEMPTS,
             submitted_by=claims.sub if claims else "",
         )
+        if spec.idempotency_key is not None:
+            # A retry of a submission that was recorded answers with that job even
+            # if no peer could take a new one right now.
+            earlier = await self._registry.jobs.find_idempotent(spec)
+            if earlier is not None:
+                return _submitted(earlier.job, existing=True)
         key = locality_key(explicit=spec.locality_key, inputs=spec.inputs, job_id=job_id)
         candidates = self._view.candidates(spec.capability, spec.region, spec.resources)
         if not len(candidates):
@@ -135,11 +142,7 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
             )
         if job.peer_id is not None and not job.state.terminal:
             self._dispatch(job.peer_id, placement.address, job.job_id)
-        return compute_pb2.SubmitJobResponse(
-            job_id=str(job.job_id),
-            peer_id=str(job.peer_id) if job.peer_id else "",
-            existing=result.existing,
-        )
+        return _submitted(job, existing=result.existing)
 
     async def GetJobStatus(
         self, request: compute_pb2.GetJobStatusRequest, context: Context
@@ -174,6 +177,14 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
                     return
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), WATCH_BACKSTOP_S)
+
+
+def _submitted(job: Job, *, existing: bool) -> compute_pb2.SubmitJobResponse:
+    return compute_pb2.SubmitJobResponse(
+        job_id=str(job.job_id),
+        peer_id=str(job.peer_id) if job.peer_id else "",
+        existing=existing,
+    )
 
 
 def _no_peer_reason(spec: JobSpec) -> str:

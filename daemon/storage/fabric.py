@@ -117,20 +117,26 @@ class Fabric:
 
     @contextlib.asynccontextmanager
     async def open(self, ref: ObjectRef) -> AsyncIterator[ObjectReader]:
+        # The source is chosen before the yield and never retried after it: an
+        # error inside the caller's block (a peer dying mid-transfer) must reach
+        # the caller as is, not send the generator on to another peer.
+        async with contextlib.AsyncExitStack() as stack:
+            reader = await self._enter(stack, ref)
+            yield reader
+
+    async def _enter(self, stack: contextlib.AsyncExitStack, ref: ObjectRef) -> ObjectReader:
         try:
-            async with self._local.open(ref) as reader:
-                yield reader
-                return
+            return await stack.enter_async_context(self._local.open(ref))
         except ObjectNotFound:
             pass
         last: AnvilError = ObjectNotFound(f"object {ref} not found on any peer")
         for owner in self._remote(ref.key):
             try:
-                async with self.client(owner.address).open(ref) as reader:
-                    yield ObjectReader(info=reader.info, chunks=self._counted(reader.chunks))
-                    return
+                reader = await stack.enter_async_context(self.client(owner.address).open(ref))
             except (ObjectNotFound, Unavailable) as exc:
                 last = exc
+                continue
+            return ObjectReader(info=reader.info, chunks=self._counted(reader.chunks))
         raise last
 
     async def _counted(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -143,10 +149,23 @@ class Fabric:
 
     # -- writes ----------------------------------------------------------------
     async def put_file(self, path: Path, *, bucket: str, key: str) -> ObjectInfo:
-        """Store a file on the key's owner (here when this peer owns it)."""
-        if self.owns(key):
+        """Store a file on the key's owner, else the next peers in HRW order.
+
+        A peer that died but still counts as live must not fail the write (reads
+        look READ_FANOUT peers deep); this peer's own store is the last resort.
+        Raises Unavailable only if that fails too.
+        """
+        last: AnvilError | None = None
+        for owner in self.owners(key)[:READ_FANOUT]:
+            if owner.peer_id == self.peer_id:
+                break
+            try:
+                return await self.client(owner.address).put_file(path, bucket=bucket, key=key)
+            except Unavailable as exc:
+                last = exc
+        try:
             return await asyncio.to_thread(
                 functools.partial(self.store.put_file, path, bucket=bucket, key=key)
             )
-        owner = self.owners(key)[0]
-        return await self.client(owner.address).put_file(path, bucket=bucket, key=key)
+        except OSError as exc:
+            raise Unavailable(f"cannot store {bucket}/{key}: {exc}") from (last or exc)

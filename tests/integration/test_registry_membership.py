@@ -87,8 +87,16 @@ async def test_peer_heartbeat_liveness_and_state(registry: Registry) -> None:
     await reg.peers.set_state(peer, "draining")
     assert not (await reg.peers.get(peer)).live
     await reg.peers.set_state(peer, "down")
+    assert not (await reg.peers.get(peer)).live
+    # Marked down during an outage, alive again at its next heartbeat.
+    await reg.peers.heartbeat(peer)
+    revived = await reg.peers.get(peer)
+    assert revived.state == "up" and revived.live
+    await reg.peers.set_state(peer, "draining")
+    await reg.peers.heartbeat(peer)
+    assert (await reg.peers.get(peer)).state == "draining", "a draining peer stays out"
     with pytest.raises(NotFound):
-        await reg.peers.heartbeat(peer)
+        await reg.peers.heartbeat(uuid.uuid4())
     with pytest.raises(InvalidArgument):
         await reg.peers.set_state(peer, "sideways")
     with pytest.raises(NotFound):
@@ -135,3 +143,35 @@ async def test_notifications_for_jobs_peers_and_membership(
             assert note.payload == "peers"
     finally:
         await listener.close()
+
+
+async def test_membership_is_announced_only_on_real_changes(
+    registry: Registry, database_url: str
+) -> None:
+    peer = uuid.uuid4()
+    await registry.peers.upsert(peer_id=peer, address="h:1", region="eu-1", version="")
+    listener = Listener(database_url, [MEMBERSHIP])
+    await listener.start()
+    try:
+        async with listener.subscribe(MEMBERSHIP) as queue:
+            for _ in range(3):
+                await registry.peers.heartbeat(peer)
+                assert await registry.peers.mark_stale_down() == []
+            await asyncio.sleep(0.3)
+            assert queue.empty(), "heartbeats and no-op sweeps must not announce anything"
+            await registry.peers.set_state(peer, "down")
+            assert (await asyncio.wait_for(queue.get(), 5)).payload == "peers"
+    finally:
+        await listener.close()
+
+
+async def test_start_up_prunes_capabilities_a_peer_no_longer_offers(registry: Registry) -> None:
+    peer = uuid.uuid4()
+    for name in ("text:wordcount", "image:resize", "old:thing"):
+        await registry.capabilities.register(cap(peer, capability=name))
+    removed = await registry.capabilities.prune(peer, ["text:wordcount", "image:resize"])
+    assert removed == ["old:thing"]
+    assert {c.capability for c in await registry.capabilities.find(peer_id=peer)} == {
+        "text:wordcount",
+        "image:resize",
+    }
