@@ -16,6 +16,7 @@ from typing import Any
 
 from daemon.capability_config import LocalCapability, example_capabilities, parse_capabilities
 from daemon.exceptions import ConfigError
+from daemon.registry.jobs import MAX_INLINE_OUTPUT
 
 DEFAULT_CONFIG_FILE = Path("/etc/anvil-compute/config.toml")
 ENV_PREFIX = "ANVIL_"
@@ -276,6 +277,11 @@ def load(
         raise ConfigError("tls_cert_file and tls_key_file must be set together")
     if values["tls_client_ca_file"] is not None and values["tls_cert_file"] is None:
         raise ConfigError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
+    if values["max_inline_output"] > MAX_INLINE_OUTPUT:
+        raise ConfigError(
+            f"bad value for 'max_inline_output': {values['max_inline_output']} "
+            f"(the registry keeps at most {MAX_INLINE_OUTPUT} bytes inline)"
+        )
     if values["balance"] < 1:
         raise ConfigError(f"bad value for 'balance': {values['balance']} (must be >= 1)")
     return Settings(**values)

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from daemon.exceptions import ObjectNotFound
+from daemon.exceptions import InvalidArgument, ObjectNotFound
 from daemon.pb.anvil import object_pb2
 from daemon.storage.fabric import FORWARDED_HEADER, Fabric
 from daemon.storage.object_service import ObjectServiceServicer, info_message
@@ -35,8 +35,9 @@ async def _chain(
 
 async def _chunks(rest: AsyncIterator[object_pb2.PutObjectRequest]) -> AsyncIterator[bytes]:
     async for item in rest:
-        if item.WhichOneof("data") == "chunk":
-            yield item.chunk
+        if item.WhichOneof("data") != "chunk":
+            raise InvalidArgument("PutObject: metadata may only be sent once, first")
+        yield item.chunk
 
 
 def _ref(bucket: str, key: str, version: str | None) -> ObjectRef:

@@ -42,3 +42,8 @@ def test_broken_or_missing_explicit_file(tmp_path: Path) -> None:
         config.load(config_file=broken, environ={})
     with pytest.raises(ConfigError, match="does not exist"):
         config.load(config_file=tmp_path / "missing.toml", environ={})
+
+
+def test_inline_output_cannot_exceed_what_the_registry_keeps() -> None:
+    with pytest.raises(ConfigError, match="max_inline_output"):
+        config.load(environ={"ANVIL_MAX_INLINE_OUTPUT": str(5 * 1024 * 1024)})
