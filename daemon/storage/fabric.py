@@ -101,18 +101,31 @@ class Fabric:
     def _remote(self, key: str) -> list[Owner]:
         return [o for o in self.owners(key)[:READ_FANOUT] if o.peer_id != self.peer_id]
 
+    def prefers_local(self, ref: ObjectRef) -> bool:
+        """Whether this peer's copy may answer before the owner is asked.
+
+        Yes when this peer owns the key, or the ref names a version (versions
+        never change). Otherwise a local copy may be an old version left from an
+        earlier membership: the owner is asked first, the local copy is the
+        fallback.
+        """
+        return ref.version is not None or self.owns(ref.key)
+
     # -- ObjectSource (what the Fetcher reads anvil:// refs through) -----------
     async def head(self, ref: ObjectRef) -> ObjectInfo:
-        try:
-            return await self._local.head(ref)
-        except ObjectNotFound:
-            pass
+        local_first = self.prefers_local(ref)
+        if local_first:
+            with contextlib.suppress(ObjectNotFound):
+                return await self._local.head(ref)
         last: AnvilError = ObjectNotFound(f"object {ref} not found on any peer")
         for owner in self._remote(ref.key):
             try:
                 return await self.client(owner.address).head(ref)
             except (ObjectNotFound, Unavailable) as exc:
                 last = exc
+        if not local_first:
+            with contextlib.suppress(ObjectNotFound):
+                return await self._local.head(ref)
         raise last
 
     @contextlib.asynccontextmanager
@@ -125,10 +138,10 @@ class Fabric:
             yield reader
 
     async def _enter(self, stack: contextlib.AsyncExitStack, ref: ObjectRef) -> ObjectReader:
-        try:
-            return await stack.enter_async_context(self._local.open(ref))
-        except ObjectNotFound:
-            pass
+        local_first = self.prefers_local(ref)
+        if local_first:
+            with contextlib.suppress(ObjectNotFound):
+                return await stack.enter_async_context(self._local.open(ref))
         last: AnvilError = ObjectNotFound(f"object {ref} not found on any peer")
         for owner in self._remote(ref.key):
             try:
@@ -137,6 +150,9 @@ class Fabric:
                 last = exc
                 continue
             return ObjectReader(info=reader.info, chunks=self._counted(reader.chunks))
+        if not local_first:
+            with contextlib.suppress(ObjectNotFound):
+                return await stack.enter_async_context(self._local.open(ref))
         raise last
 
     async def _counted(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

@@ -89,13 +89,16 @@ class FabricObjectService(ObjectServiceServicer):
         self, request: object_pb2.GetObjectRequest, context: Context
     ) -> AsyncIterator[object_pb2.GetObjectResponse]:
         version = request.version_id if request.HasField("version_id") else None
-        if _forwarded(context) or await self._held_here(
-            request.bucket_name, request.object_key, version
+        ref = _ref(request.bucket_name, request.object_key, version)
+        # Served straight from this peer's store (with its own corruption
+        # checks) when asked by a peer, or when this copy is authoritative.
+        if _forwarded(context) or (
+            self.fabric.prefers_local(ref)
+            and await self._held_here(request.bucket_name, request.object_key, version)
         ):
             async for message in super().GetObject(request, context):
                 yield message
             return
-        ref = _ref(request.bucket_name, request.object_key, version)
         async with self.fabric.open(ref) as reader:
             yield object_pb2.GetObjectResponse(metadata=info_message(reader.info))
             async for chunk in reader.chunks:

@@ -106,3 +106,20 @@ async def test_writes_fall_back_to_the_next_owner_then_to_this_peer(tmp_path: Pa
     fab = fabric(tmp_path / "local", both_down, order)
     info = await fab.put_file(src, bucket="r", key="y")
     assert fab.store.head("r", "y").sha256 == info.sha256
+
+
+async def test_a_non_owner_asks_the_owner_before_its_own_old_copy(tmp_path: Path) -> None:
+    owner = StandInPeer(chunks=[b"new"])
+    order = [Owner(uuid.UUID(int=2), "a"), Owner(ME, "me")]
+    fab = fabric(tmp_path, {"a": owner}, order)
+    fab.store.put_bytes(b"old", bucket="b", key="k")  # left from an earlier membership
+    async with fab.open(parse_ref("anvil://b/k")) as reader:
+        assert b"".join([c async for c in reader.chunks]) == b"new"
+    gone = fabric(tmp_path, {"a": StandInPeer()}, order)  # the owner has no copy
+    async with gone.open(parse_ref("anvil://b/k")) as reader:
+        assert b"".join([c async for c in reader.chunks]) == b"old"
+    mine = fabric(tmp_path, {"a": owner}, [Owner(ME, "me"), Owner(uuid.UUID(int=2), "a")])
+    opened = owner.opened
+    async with mine.open(parse_ref("anvil://b/k")) as reader:
+        assert b"".join([c async for c in reader.chunks]) == b"old"
+    assert owner.opened == opened, "the owner reads its own store without asking anyone"
