@@ -101,14 +101,15 @@ async def test_kill_9_of_a_peer_loses_no_job(
     cluster = await start_peers(
         peers,
         3,
-        fabric_config(tmp_path, max_concurrency=40, nap_s=0.5),
+        fabric_config(tmp_path, max_concurrency=120, nap_s=0.5),
         ANVIL_WASM_WORKERS="8",
+        ANVIL_MAX_RUNNING_JOBS="120",
     )
     victim = cluster[2]
     async with cluster[0].client() as client:
         ids = [
             (await client.submit("test:nap", locality_key=f"k{i}", max_attempts=5)).job_id
-            for i in range(150)
+            for i in range(360)
         ]
     # Wait until the victim is running a good share of its jobs, then kill it.
     with psycopg.connect(database_url, autocommit=True) as conn:
@@ -117,15 +118,15 @@ async def test_kill_9_of_a_peer_loses_no_job(
                 "SELECT count(*) FROM jobs WHERE state = 'running' AND peer_id = %s",
                 (victim.peer_id,),
             ).fetchone()
-            if running >= 20:
+            if running >= 90:
                 break
             await asyncio.sleep(0.05)
-    assert running >= 20
+    assert running >= 90
     victim.kill()
     finals = await wait_all(cluster[0], ids, 120)
-    assert Counter(state(f) for f in finals) == {JobState.SUCCEEDED: 150}
+    assert Counter(state(f) for f in finals) == {JobState.SUCCEEDED: 360}
     rescued = [f for f in finals if f.attempt > 1]
-    assert len(rescued) >= 20
+    assert len(rescued) >= 90
     assert all(f.peer_id != victim.peer_id for f in rescued)
     per_job = events_per_job(database_url)
     assert all(per_job[i]["succeeded"] == 1 for i in ids), "a result was written twice"
