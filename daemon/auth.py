@@ -118,7 +118,32 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
     raise Unauthenticated("missing authorization metadata (Bearer token)")
 
 
-def authorize(method: str, metadata: Any, secret: bytes) -> Claims | None:
+class VerifiedTokens:
+    """Claims of tokens already verified, so a client's every call does not redo it.
+
+    Keyed by the token's exact text, whose signature fixes its claims; expiry
+    is checked again on every use. Bounded: the oldest entry goes first.
+    """
+
+    def __init__(self, secret: bytes, *, max_entries: int = 4096) -> None:
+        self._secret = secret
+        self._max = max_entries
+        self._claims: dict[str, Claims] = {}
+
+    def verify(self, token: str) -> Claims:
+        """Like verify_token, from the cache when possible; raises Unauthenticated."""
+        claims = self._claims.get(token)
+        if claims is not None and claims.exp > time.time():
+            return claims
+        self._claims.pop(token, None)
+        claims = verify_token(token, self._secret)
+        if len(self._claims) >= self._max:
+            del self._claims[next(iter(self._claims))]
+        self._claims[token] = claims
+        return claims
+
+
+def authorize(method: str, metadata: Any, tokens: VerifiedTokens) -> Claims | None:
     """Claims of the caller allowed to call `method`; None for open methods.
 
     Raises Unauthenticated (no/bad token) or PermissionDenied (missing scope);
@@ -126,7 +151,7 @@ def authorize(method: str, metadata: Any, secret: bytes) -> Claims | None:
     """
     if method.startswith(OPEN_METHOD_PREFIXES):
         return None
-    claims = verify_token(bearer_token(metadata), secret)
+    claims = tokens.verify(bearer_token(metadata))
     scope = METHOD_SCOPES.get(method, "*")
     if not claims.allows(scope):
         raise PermissionDenied(f"token for {claims.sub!r} lacks scope {scope!r} for {method}")
@@ -137,7 +162,7 @@ class AuthInterceptor(aio.ServerInterceptor):
     """Rejects calls without a valid token holding the method's scope."""
 
     def __init__(self, secret: bytes) -> None:
-        self._secret = secret
+        self._tokens = VerifiedTokens(secret)
 
     async def intercept_service(
         self,
@@ -146,7 +171,7 @@ class AuthInterceptor(aio.ServerInterceptor):
     ) -> Any:
         try:
             claims = authorize(
-                handler_call_details.method, handler_call_details.invocation_metadata, self._secret
+                handler_call_details.method, handler_call_details.invocation_metadata, self._tokens
             )
         except (Unauthenticated, PermissionDenied) as exc:
             code = (
