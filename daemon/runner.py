@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 RESULTS_BUCKET = "anvil-results"
 MAX_GUEST_MESSAGE = 2000
+# Beyond the job's timeout: compiling a module (bounded at 60 s by the WASM
+# executor) or starting a container, plus scheduling slack.
+EXECUTOR_GRACE_S = 90.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -341,20 +344,30 @@ class Runner:
         executor = self._executors.get(cap.kind)
         if executor is None:
             return Outcome(state=JobState.FAILED, error=f"no {cap.kind} executor on this peer")
-        result = await executor.execute(
-            ExecutionRequest(
-                job_id=str(job.job_id),
-                capability=cap,
-                module_path=module_path,
-                inputs=tuple(inputs),
-                params=dict(job.params),
-                output_dir=output_dir,
-                timeout_s=(
-                    job.timeout_ms or cap.limits.timeout_ms or self._options.default_timeout_ms
-                )
-                / 1000,
-            )
+        timeout_s = (
+            job.timeout_ms or cap.limits.timeout_ms or self._options.default_timeout_ms
+        ) / 1000
+        request = ExecutionRequest(
+            job_id=str(job.job_id),
+            capability=cap,
+            module_path=module_path,
+            inputs=tuple(inputs),
+            params=dict(job.params),
+            output_dir=output_dir,
+            timeout_s=timeout_s,
         )
+        try:
+            # The executor enforces the job's own deadline; this outer bound is
+            # for the executor itself (no worker could be started, an image
+            # pull hangs): no job stays RUNNING here for ever with a live lease.
+            async with asyncio.timeout(timeout_s + EXECUTOR_GRACE_S):
+                result = await executor.execute(request)
+        except TimeoutError:
+            return Outcome(
+                state=JobState.TIMED_OUT,
+                error=f"the {cap.kind} executor on this peer did not finish the job within "
+                f"{timeout_s + EXECUTOR_GRACE_S:g} s (job timeout {timeout_s:g} s)",
+            )
         return await self._persist(job, result, workdir, bytes_fetched_remote=remote[0])
 
     async def _module(self, cap: LocalCapability, workdir: Path) -> Path:
