@@ -9,8 +9,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 import grpc
-from grpc import aio
 
+from daemon.channels import open_channel
 from daemon.pb.anvil import compute_pb2, compute_pb2_grpc
 from daemon.storage.anvil_client import AnvilClient
 from daemon.storage.digest import sha256_file
@@ -18,7 +18,6 @@ from daemon.storage.refs import parse_ref
 from daemon.storage.source import ObjectInfo
 
 INPUT_BUCKET = "inputs"
-MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 
 
 def find_token(explicit: str | None, data_dir: Path | None) -> str | None:
@@ -49,18 +48,10 @@ class ComputeClient:
         token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        options = [
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ]
         self.target = target
         self._token = token
         self._credentials = credentials
-        self.channel = (
-            aio.secure_channel(target, credentials, options=options)
-            if credentials is not None
-            else aio.insecure_channel(target, options=options)
-        )
+        self.channel = open_channel(target, credentials)
         self.stub: compute_pb2_grpc.ComputeServiceAsyncStub = compute_pb2_grpc.ComputeServiceStub(
             self.channel
         )

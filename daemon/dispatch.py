@@ -15,6 +15,7 @@ from collections.abc import Callable
 import grpc
 from grpc import aio
 
+from daemon.channels import open_channel
 from daemon.pb.anvil import compute_pb2, compute_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -39,11 +40,7 @@ class PeerLinks:
     def _stub(self, address: str) -> compute_pb2_grpc.PeerServiceAsyncStub:
         channel = self._channels.get(address)
         if channel is None:
-            if self._credentials is not None:
-                channel = aio.secure_channel(address, self._credentials)
-            else:
-                channel = aio.insecure_channel(address)
-            self._channels[address] = channel
+            channel = self._channels[address] = open_channel(address, self._credentials)
         stub: compute_pb2_grpc.PeerServiceAsyncStub = compute_pb2_grpc.PeerServiceStub(channel)
         return stub
 

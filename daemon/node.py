@@ -19,7 +19,6 @@ from pathlib import Path
 
 import grpc
 import jwt
-from grpc import aio
 
 from daemon import __version__, auth
 from daemon.config import Settings
@@ -42,7 +41,6 @@ from daemon.storage.fabric import FORWARDED_HEADER, Fabric, Owner
 from daemon.storage.fabric_service import FabricObjectService
 from daemon.storage.fetcher import Fetcher
 from daemon.storage.local_store import LocalStore
-from daemon.storage.object_service import GRPC_OPTIONS
 from daemon.watch import JobEventHub
 
 log = logging.getLogger(__name__)
@@ -263,18 +261,13 @@ class Node:
 
     def _peer_store(self, address: str, credentials: grpc.ChannelCredentials | None) -> AnvilClient:
         """A client of another peer's store; its calls are never forwarded again."""
-        channel = (
-            aio.secure_channel(address, credentials, options=list(GRPC_OPTIONS))
-            if credentials is not None
-            else aio.insecure_channel(address, options=list(GRPC_OPTIONS))
-        )
 
         def metadata() -> list[tuple[str, str]]:
             token = self._peer_bearer()
             bearer = [("authorization", f"Bearer {token}")] if token else []
             return [*bearer, (FORWARDED_HEADER, "1")]
 
-        return AnvilClient(channel, target=address, metadata=metadata, owns_channel=True)
+        return AnvilClient.connect(address, credentials=credentials, metadata=metadata)
 
     async def _heartbeat_loop(self) -> None:
         assert self.registry is not None and self.peer_id is not None

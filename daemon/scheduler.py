@@ -49,7 +49,7 @@ def locality_key(*, explicit: str, inputs: Sequence[str], job_id: uuid.UUID) -> 
         return explicit
     if inputs:
         ref = parse_ref(inputs[0])
-        return ref.sha256 or "" if ref.scheme is Scheme.SHA256 else ref.key
+        return (ref.sha256 or "") if ref.scheme is Scheme.SHA256 else ref.key
     return str(job_id)
 
 

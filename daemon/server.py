@@ -11,13 +11,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from daemon.auth import AuthInterceptor
+from daemon.channels import GRPC_OPTIONS
 from daemon.exceptions import ConfigError
 from daemon.pb.anvil import compute_pb2, compute_pb2_grpc, object_pb2, object_pb2_grpc
 from daemon.status import ErrorInterceptor
 
-# Object chunks are 1 MiB; Anvil may send up to 32 MiB ones. Anything larger is
-# refused by gRPC itself with RESOURCE_EXHAUSTED before a handler runs.
-MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 SERVICE_NAMES = (
     compute_pb2.DESCRIPTOR.services_by_name["ComputeService"].full_name,
     compute_pb2.DESCRIPTOR.services_by_name["PeerService"].full_name,
@@ -51,8 +49,7 @@ class Server:
         self._server = aio.server(
             interceptors=interceptors,
             options=[
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                *GRPC_OPTIONS,
                 ("grpc.so_reuseport", 0),
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),

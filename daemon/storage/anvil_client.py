@@ -18,10 +18,10 @@ import grpc
 from grpc import aio
 
 from daemon import exceptions
+from daemon.channels import open_channel
 from daemon.exceptions import AnvilError, DigestMismatch, InvalidArgument
 from daemon.pb.anvil import object_pb2, object_pb2_grpc
 from daemon.storage.digest import sha256_file
-from daemon.storage.object_service import GRPC_OPTIONS
 from daemon.storage.refs import ObjectRef, Scheme, validate_bucket, validate_key
 from daemon.storage.source import CHUNK_SIZE, DEFAULT_CONTENT_TYPE, ObjectInfo, ObjectReader
 
@@ -68,18 +68,18 @@ class AnvilClient:
         *,
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
+        metadata: Callable[[], Sequence[tuple[str, str]]] | None = None,
         timeout: float | None = None,
         chunk_size: int = CHUNK_SIZE,
     ) -> AnvilClient:
-        """Open a channel to HOST:PORT (TLS when `credentials` are given, else plaintext)."""
-        options = list(GRPC_OPTIONS)
-        if credentials is None:
-            channel = aio.insecure_channel(target, options=options)
-        else:
-            channel = aio.secure_channel(target, credentials, options=options)
-        metadata = [("authorization", f"Bearer {token}")] if token else []
+        """Open a channel to HOST:PORT (TLS when `credentials` are given, else plaintext).
+
+        Calls carry `token` as a bearer, or whatever `metadata()` returns at call time.
+        """
+        if metadata is None:
+            metadata = lambda: [("authorization", f"Bearer {token}")] if token else []  # noqa: E731
         return cls(
-            channel,
+            open_channel(target, credentials),
             target=target,
             metadata=metadata,
             timeout=timeout,

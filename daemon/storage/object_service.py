@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 from grpc import aio
 
+from daemon.channels import GRPC_OPTIONS, MAX_MESSAGE_BYTES
 from daemon.exceptions import AnvilError, InvalidArgument
 from daemon.pb.anvil import object_pb2, object_pb2_grpc
 from daemon.status import grpc_code
@@ -23,12 +24,8 @@ from daemon.storage.source import CHUNK_SIZE, ObjectInfo
 
 Context = aio.ServicerContext[Any, Any]
 
-# Large enough for Anvil's own chunk sizes as well as ours (CHUNK_SIZE).
-MAX_MESSAGE_BYTES = 32 << 20
-GRPC_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-)
+# The message limits every link uses (daemon/channels.py); re-exported for callers here.
+__all__ = ["GRPC_OPTIONS", "MAX_MESSAGE_BYTES", "ObjectServiceServicer", "add_object_service"]
 
 
 class ObjectServiceServicer(object_pb2_grpc.ObjectServiceServicer):
