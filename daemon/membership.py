@@ -14,6 +14,7 @@ import logging
 import uuid
 from collections.abc import Mapping
 
+from daemon import metrics
 from daemon.exceptions import AnvilError
 from daemon.registry import Registry
 from daemon.registry.listener import MEMBERSHIP, Listener
@@ -72,6 +73,8 @@ class MembershipView:
         peers = await self._registry.peers.find(live_only=True)
         self._capabilities, self._peers = capabilities, peers
         self._sets, self._stores = {}, {}
+        metrics.MEMBERSHIP_PEERS.labels("live").set(len(peers))
+        metrics.MEMBERSHIP_PEERS.labels("capable").set(len({c.peer_id for c in capabilities}))
 
     async def refresh_loads(self) -> None:
         self.loads = await self._registry.jobs.active_load()

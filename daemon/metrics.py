@@ -108,6 +108,13 @@ JOBS_RUNNING = Gauge(
     ["capability"],
     registry=REGISTRY,
 )
+MEMBERSHIP_PEERS = Gauge(
+    f"{PREFIX}_membership_peers",
+    "Live peers in this peer's view of the fabric (all regions): those that offer "
+    "at least one capability (capable) and all of them (live)",
+    ["kind"],
+    registry=REGISTRY,
+)
 QUEUE_DEPTH = Gauge(
     f"{PREFIX}_queue_depth",
     "Jobs placed on this peer and waiting to be claimed (refreshed every few seconds)",

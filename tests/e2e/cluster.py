@@ -8,11 +8,13 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.client import ComputeClient
 
@@ -29,6 +31,7 @@ class Peer:
     address: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    metrics_address: str = ""
     extra_config: str = ""
     env: dict[str, str] = field(default_factory=dict)
 
@@ -45,6 +48,19 @@ class Peer:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of this peer's /metrics (0.0 when absent)."""
+        url = f"http://{self.metrics_address}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            text = reply.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
+                    return float(sample.value)
+        return 0.0
 
     def terminate(self, timeout: float = 60) -> int:
         if self.process.poll() is None:
@@ -109,6 +125,7 @@ class PeerFactory:
         port = free_port()
         address = f"127.0.0.1:{port}"
         log_path = data_dir / "daemon.log"
+        metrics_address = f"127.0.0.1:{free_port()}"
         environ = {
             **os.environ,
             "ANVIL_DATABASE_URL": self.database_url,
@@ -118,7 +135,7 @@ class PeerFactory:
             "ANVIL_PEER_TTL_S": "6",
             "ANVIL_POLL_INTERVAL_S": "0.5",
             "ANVIL_DRAIN_GRACE_S": "10",
-            "ANVIL_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
+            "ANVIL_METRICS_LISTEN": metrics_address,
             **env,
         }
         with log_path.open("wb") as log:
@@ -139,10 +156,29 @@ class PeerFactory:
                 stderr=subprocess.STDOUT,
                 env=environ,
             )
-        peer = Peer(data_dir=data_dir, address=address, process=process, log_path=log_path)
+        peer = Peer(
+            data_dir=data_dir,
+            address=address,
+            process=process,
+            log_path=log_path,
+            metrics_address=environ["ANVIL_METRICS_LISTEN"],
+        )
         self.peers.append(peer)
         wait_serving(address, process, log_path, credentials)
         return peer
+
+    def wait_converged(self, peers: list[Peer], timeout: float = 30) -> None:
+        """Wait until each of `peers` sees all of them as capable in its membership
+        view: views follow the registry by NOTIFY, a few milliseconds behind, and a
+        test that asserts placement must not race them."""
+        deadline = time.monotonic() + timeout
+        for peer in peers:
+            while (seen := peer.metric("anvil_compute_membership_peers", kind="capable")) < len(
+                peers
+            ):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{peer.address} sees {seen:.0f} of {len(peers)} peers")
+                time.sleep(0.05)
 
     def stop_all(self) -> None:
         for peer in self.peers:

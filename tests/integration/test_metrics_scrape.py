@@ -67,6 +67,9 @@ async def test_metrics_after_a_few_jobs_show_the_right_counts(
     assert dict(identity)["peer_id"] == peer.peer_id
     assert value(first, "process_resident_memory_bytes") > 0
     assert not series(first, "anvil_compute_jobs_finished_total")
+    # Alone in its registry: it sees itself, live and offering capabilities.
+    assert value(first, "anvil_compute_membership_peers", kind="live") == 1
+    assert value(first, "anvil_compute_membership_peers", kind="capable") == 1
 
     (tmp_path / "notes.txt").write_bytes(TEXT)
     async with peer.client() as client:
