@@ -53,3 +53,15 @@ FINISH_STATES: frozenset[JobState] = frozenset(
 def can_transition(current: JobState, target: JobState) -> bool:
     """True when the state machine allows current -> target; terminal states never move."""
     return target in _ALLOWED.get(current, frozenset())
+
+
+# Within one attempt a job only moves forward through these ranks: a claim
+# starts attempt n RUNNING; it ends QUEUED again (rescue, hand-back) or
+# terminal; a queued job is claimed (attempt n+1) or ends (cancel). Attempt 0
+# is the job as submitted, QUEUED.
+_RANK = {JobState.RUNNING: 0, JobState.QUEUED: 1}
+
+
+def progress(state: JobState, attempt: int) -> tuple[int, int]:
+    """A key that grows with every change of one job: (attempt, rank of state)."""
+    return attempt, _RANK.get(state, 2)

@@ -68,15 +68,33 @@ class _Running:
     finishing: bool = False
 
 
-async def _remove_workdir(workdir: Path) -> None:
-    """Most jobs leave an empty output folder: two rmdir calls, no thread hop."""
-    try:
-        for leaf in ("out", "in"):
-            with contextlib.suppress(FileNotFoundError):
-                os.rmdir(workdir / leaf)
-        os.rmdir(workdir)
-    except OSError:  # not empty (inputs, outputs left behind): the slow way
-        await asyncio.to_thread(shutil.rmtree, workdir, True)
+async def _remove_leftovers(*paths: Path) -> None:
+    """Remove what an attempt left on disk. A job without inputs and outputs left
+    nothing (the executor removes an output folder the guest left empty): then
+    this costs a stat per path, no thread hop."""
+    for path in paths:
+        if os.path.lexists(path):  # noqa: ASYNC240 - one stat, cheaper than a thread hop
+            await asyncio.to_thread(shutil.rmtree, path, True)
+
+
+def _clear_work_root(work_root: Path) -> None:
+    """Create the work folder, emptied of what a crashed predecessor left."""
+    work_root.mkdir(parents=True, exist_ok=True)
+    for stale in work_root.iterdir():
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def _fetched_module(cap: LocalCapability) -> bool:
+    """A module named by an object ref is fetched into the attempt's folder."""
+    return "://" in cap.module or cap.module.startswith("sha256:")
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
 
 
 class Runner:
@@ -121,7 +139,7 @@ class Runner:
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
-        self._options.work_root.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(_clear_work_root, self._options.work_root)
         self._hub.on_event(self._on_job_event)
         self._tasks = [
             asyncio.create_task(self._claim_loop(), name="runner-claims"),
@@ -197,6 +215,7 @@ class Runner:
                     self._peer_id, lease=self._options.lease, limit=free, capabilities=[name]
                 )
                 for job in jobs:
+                    self._hub.publish(job)
                     self._start(job, cap)
                 if len(jobs) < free:
                     break
@@ -277,11 +296,15 @@ class Runner:
 
     # -- one job ---------------------------------------------------------------
     async def _run(self, job: Job, cap: LocalCapability) -> None:
+        # The attempt's own folder (fetched inputs, a fetched module, spilled
+        # stdout), made only when needed, and the guest's /output beside it,
+        # which the executor makes.
         workdir = self._options.work_root / f"{job.job_id}-{job.attempt}"
+        output_dir = workdir.with_name(workdir.name + ".out")
         began = time.monotonic()
         outcome: Outcome | None = None
         try:
-            outcome = await self._attempt(job, cap, workdir)
+            outcome = await self._attempt(job, cap, workdir, output_dir)
             metrics.job_finished(cap.name, outcome.state, time.monotonic() - began)
             running = self._running.get(job.job_id)
             if running is not None and running.job.attempt == job.attempt:
@@ -321,14 +344,14 @@ class Runner:
                     job, Outcome(state=JobState.FAILED, error="internal error on the peer")
                 )
         finally:
-            await _remove_workdir(workdir)
+            await _remove_leftovers(workdir, output_dir)
 
-    async def _attempt(self, job: Job, cap: LocalCapability, workdir: Path) -> Outcome:
-        input_dir, output_dir = workdir / "in", workdir / "out"
-        # One syscall path per job on the hot path; the input folder only when used.
-        os.makedirs(output_dir)
-        if job.inputs:
-            os.mkdir(input_dir)
+    async def _attempt(
+        self, job: Job, cap: LocalCapability, workdir: Path, output_dir: Path
+    ) -> Outcome:
+        input_dir = workdir / "in"
+        if job.inputs or _fetched_module(cap):
+            await asyncio.to_thread(os.makedirs, input_dir)
         try:
             inputs = []
             with count_remote_bytes() as remote:
@@ -371,7 +394,7 @@ class Runner:
         return await self._persist(job, result, workdir, bytes_fetched_remote=remote[0])
 
     async def _module(self, cap: LocalCapability, workdir: Path) -> Path:
-        if "://" in cap.module or cap.module.startswith("sha256:"):
+        if _fetched_module(cap):
             ref = cap.module
             if cap.module_sha256 and "sha256=" not in ref and not ref.startswith("sha256:"):
                 ref += ("&" if "?" in ref else "?") + f"sha256={cap.module_sha256}"
@@ -395,7 +418,7 @@ class Runner:
         files = [(path, f"{prefix}/output/{path.name}") for path in result.output_files]
         if len(result.stdout) > self._options.max_inline_output:
             spilled = workdir / "stdout"
-            await asyncio.to_thread(spilled.write_bytes, result.stdout)
+            await asyncio.to_thread(_write_new, spilled, result.stdout)
             files.insert(0, (spilled, f"{prefix}/stdout"))
             output = None
         for path, key in files:
@@ -420,9 +443,10 @@ class Runner:
         delay = 0.1
         while True:
             try:
-                await self._registry.jobs.finish(
+                finished = await self._registry.jobs.finish(
                     job.job_id, peer_id=self._peer_id, attempt=job.attempt, outcome=outcome
                 )
+                self._hub.publish(finished)
                 return
             except RegistryUnavailable as exc:
                 # Keep trying while the lease may still be ours; the lease loop

@@ -441,8 +441,9 @@ class PodmanExecutor:
     ) -> ExecutionResult:
         """Run `command` in a fresh container of `image` once, under `limits`.
 
-        `output_dir` must be an existing empty folder; afterwards it holds the
-        outputs and nothing else. `gpu` adds the CDI devices. The container is
+        `output_dir` is created if missing (and removed again when the guest
+        leaves nothing in it); an existing one must be empty. Afterwards it
+        holds the outputs and nothing else. `gpu` adds the CDI devices. The container is
         removed on every path.
 
         Guest failures come back as a result, never raised. Raises
@@ -455,7 +456,9 @@ class PodmanExecutor:
         pairs = staging.param_pairs(params)
         if any("\0" in part for part in command):
             raise InvalidArgument("command contains a NUL byte")
-        input_dir, staged = await asyncio.to_thread(_prepare, output_dir, inputs, self._scratch_dir)
+        created, input_dir, staged = await asyncio.to_thread(
+            _prepare, output_dir, inputs, self._scratch_dir
+        )
         try:
             image_id = await self.resolve_image(image)
             options = create_options(
@@ -470,9 +473,13 @@ class PodmanExecutor:
                 devices=self.gpu_devices if gpu else (),
             )
             result = await self._run_container(options, limits, staged[0] if staged else None)
+        except BaseException:
+            if created:
+                await asyncio.shield(asyncio.to_thread(shutil.rmtree, output_dir, True))
+            raise
         finally:
             await asyncio.shield(asyncio.to_thread(shutil.rmtree, input_dir, True))
-        outputs = await asyncio.to_thread(staging.collect_outputs, output_dir)
+        outputs = await asyncio.to_thread(staging.close_output_dir, output_dir, created=created)
         return _with_outputs(result, outputs, limits)
 
     async def _run_container(
@@ -684,15 +691,20 @@ def _clear_scratch(scratch_dir: Path) -> None:
 
 def _prepare(
     output_dir: Path, inputs: Sequence[Path], scratch_dir: Path | None
-) -> tuple[Path, list[Path]]:
-    """(a fresh /input folder, the staged inputs). Raises InvalidArgument."""
-    staging.check_empty_dir(output_dir)
+) -> tuple[bool, Path, list[Path]]:
+    """(whether output_dir was created, a fresh /input folder, the staged inputs).
+
+    Raises InvalidArgument.
+    """
+    created = staging.open_output_dir(output_dir)
     input_dir = Path(tempfile.mkdtemp(prefix=_INPUT_PREFIX, dir=scratch_dir))
     try:
         input_dir.chmod(0o755)
-        return input_dir, staging.stage_inputs(inputs, input_dir)
+        return created, input_dir, staging.stage_inputs(inputs, input_dir)
     except BaseException:
         shutil.rmtree(input_dir, ignore_errors=True)
+        if created:
+            shutil.rmtree(output_dir, ignore_errors=True)
         raise
 
 

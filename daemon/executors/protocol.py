@@ -7,8 +7,9 @@ never unpickles what a process running untrusted code wrote. Pure: encoding
 and decoding only; the two ends do their own I/O.
 
 Daemon → worker: `hello` (settings), then `run` per job.
-Worker → daemon: `ready`; per job `started` (module loaded, guest starting),
-then `result` (+ stdout, stderr blobs) or `error` (a bad request).
+Worker → daemon: `ready` (its pid and scratch folder); per job `started`
+(module loaded, guest starting), then `result` (+ stdout, stderr blobs: the
+module's digest, the outputs left in /output) or `error` (a bad request).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from daemon import exceptions
+from daemon.executors.guest_run import GuestRun
 from daemon.executors.limits import Limits
-from daemon.executors.result import ExecutionResult, Outcome
-from daemon.executors.sandbox import RunRequest
+from daemon.executors.result import ExecutionResult, Outcome, OutputFile
 
 HEADER = struct.Struct(">I")
 MAX_FRAME = 256 << 20
@@ -67,28 +68,26 @@ def parse_head(payload: bytes) -> dict[str, Any]:
 # --- run requests ------------------------------------------------------------
 
 
-def request_fields(request: RunRequest) -> dict[str, Any]:
+def request_fields(request: GuestRun) -> dict[str, Any]:
     return {
         "digest": request.digest,
         "module_path": str(request.module_path),
         "argv": list(request.argv),
         "env": [list(pair) for pair in request.env],
-        "stdin_path": None if request.stdin_path is None else str(request.stdin_path),
-        "input_dir": str(request.input_dir),
+        "inputs": [str(path) for path in request.inputs],
         "output_dir": str(request.output_dir),
         "limits": asdict(request.limits),
     }
 
 
-def request_from(head: dict[str, Any]) -> RunRequest:
+def request_from(head: dict[str, Any]) -> GuestRun:
     try:
-        return RunRequest(
-            digest=str(head["digest"]),
+        return GuestRun(
+            digest=None if head["digest"] is None else str(head["digest"]),
             module_path=Path(head["module_path"]),
             argv=tuple(str(a) for a in head["argv"]),
             env=tuple((str(k), str(v)) for k, v in head["env"]),
-            stdin_path=None if head["stdin_path"] is None else Path(head["stdin_path"]),
-            input_dir=Path(head["input_dir"]),
+            inputs=tuple(Path(p) for p in head["inputs"]),
             output_dir=Path(head["output_dir"]),
             limits=Limits(**head["limits"]),
         )
@@ -99,8 +98,9 @@ def request_from(head: dict[str, Any]) -> RunRequest:
 # --- results -----------------------------------------------------------------
 
 
-def result_message(result: ExecutionResult, cached: list[str]) -> bytes:
-    """A `result` message; `cached` lists the module digests the worker holds in memory."""
+def result_message(result: ExecutionResult, *, digest: str, cached: list[str]) -> bytes:
+    """A `result` message: `digest` is the module's, `cached` lists the module
+    digests the worker holds in memory."""
     return message(
         "result",
         (result.stdout, result.stderr),
@@ -110,6 +110,8 @@ def result_message(result: ExecutionResult, cached: list[str]) -> bytes:
         trap_code=result.trap_code,
         duration_s=result.duration_s,
         fuel_consumed=result.fuel_consumed,
+        outputs=[[f.name, str(f.path), f.size] for f in result.outputs],
+        digest=digest,
         cached=cached,
     )
 
@@ -125,6 +127,10 @@ def result_from(head: dict[str, Any], stdout: bytes, stderr: bytes) -> Execution
             stderr=stderr,
             duration_s=float(head["duration_s"]),
             fuel_consumed=_optional_int(head["fuel_consumed"]),
+            outputs=tuple(
+                OutputFile(name=str(name), path=Path(path), size=int(size))
+                for name, path, size in head["outputs"]
+            ),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ProtocolError(f"bad result: {exc!r}") from None

@@ -44,12 +44,17 @@ def sha256_file(path: Path) -> str:
 def stage_inputs(inputs: Sequence[Path], directory: Path) -> list[Path]:
     """Hard-link (else copy) input i to `directory`/i, as the ABI names them; return the paths.
 
-    Raises InvalidArgument for an input that is not a readable regular file.
+    Raises InvalidArgument for an input that is not a readable regular file (or
+    a FIFO, which can only be linked: a guest may read a stream as its stdin).
     """
     staged: list[Path] = []
     for index, source in enumerate(inputs):
         target = directory / str(index)
-        if not source.is_file():
+        try:
+            mode = source.stat().st_mode
+        except OSError:
+            mode = 0
+        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
             raise InvalidArgument(f"input {source} is not a readable file")
         try:
             os.link(source, target)
@@ -60,6 +65,32 @@ def stage_inputs(inputs: Sequence[Path], directory: Path) -> list[Path]:
                 raise InvalidArgument(f"cannot stage input {source}: {exc.strerror}") from exc
         staged.append(target)
     return staged
+
+
+def open_output_dir(directory: Path) -> bool:
+    """Make `directory` the guest's fresh /output; True when this call created it.
+
+    A missing folder is created (with its parents); an existing one must be
+    empty. Raises InvalidArgument.
+    """
+    try:
+        os.makedirs(directory)
+        return True
+    except FileExistsError:
+        check_empty_dir(directory)
+        return False
+    except OSError as exc:
+        raise InvalidArgument(f"cannot create output folder {directory}: {exc.strerror}") from exc
+
+
+def close_output_dir(directory: Path, *, created: bool) -> tuple[OutputFile, ...]:
+    """The outputs in `directory`; a folder `open_output_dir` created is removed
+    again when the guest left no file in it, so a job without outputs leaves
+    nothing for its caller to clean up."""
+    outputs = collect_outputs(directory)
+    if created and not outputs:
+        shutil.rmtree(directory, ignore_errors=True)
+    return outputs
 
 
 def check_empty_dir(directory: Path) -> None:

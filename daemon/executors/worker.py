@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import IO, Any
 
 from daemon.exceptions import AnvilError
 from daemon.executors import protocol
 from daemon.executors.engine import EngineSettings
+from daemon.executors.guest_run import GuestRunner
 from daemon.executors.sandbox import Sandbox
 
 _PR_SET_PDEATHSIG = 1
@@ -72,6 +75,17 @@ def _sandbox_from_hello(head: dict[str, Any]) -> Sandbox:
     )
 
 
+def _scratch_from_hello(head: dict[str, Any]) -> Path:
+    """This worker's own scratch folder (staged inputs); the pool removes it if we die."""
+    root = head.get("scratch_dir")
+    if root is None:
+        return Path(tempfile.mkdtemp(prefix="anvil-wasm-worker-"))
+    scratch = Path(root) / f"worker-{os.getpid()}"
+    shutil.rmtree(scratch, ignore_errors=True)  # a pid reused from a crashed run
+    scratch.mkdir(parents=True)
+    return scratch
+
+
 def serve(inp: IO[bytes], out: IO[bytes]) -> int:
     """The worker loop: hello → ready, then run after run until end of input."""
 
@@ -82,22 +96,33 @@ def serve(inp: IO[bytes], out: IO[bytes]) -> int:
     first = read_message(inp)
     if first is None:
         return 0
-    with _sandbox_from_hello(first[0]) as sandbox:
-        send(protocol.message("ready", pid=os.getpid()))
-        while (received := read_message(inp)) is not None:
-            head, _ = received
-            if head["type"] != "run":
-                raise protocol.ProtocolError(f"unexpected {head['type']!r} message")
-            request = protocol.request_from(head)
-            try:
-                result = sandbox.run(
-                    request,
-                    on_started=lambda level: send(protocol.message("started", cache=level.value)),
+    scratch = _scratch_from_hello(first[0])
+    try:
+        with _sandbox_from_hello(first[0]) as sandbox:
+            runner = GuestRunner(sandbox, scratch)
+            send(protocol.message("ready", pid=os.getpid(), scratch_dir=str(scratch)))
+            while (received := read_message(inp)) is not None:
+                head, _ = received
+                if head["type"] != "run":
+                    raise protocol.ProtocolError(f"unexpected {head['type']!r} message")
+                request = protocol.request_from(head)
+                try:
+                    digest, result = runner.run(
+                        request,
+                        on_started=lambda level: send(
+                            protocol.message("started", cache=level.value)
+                        ),
+                    )
+                except AnvilError as exc:
+                    send(protocol.error_message(exc))
+                    continue
+                send(
+                    protocol.result_message(
+                        result, digest=digest, cached=sandbox.cache.memory.keys()
+                    )
                 )
-            except AnvilError as exc:
-                send(protocol.error_message(exc))
-                continue
-            send(protocol.result_message(result, sandbox.cache.memory.keys()))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return 0
 
 

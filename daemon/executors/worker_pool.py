@@ -12,6 +12,7 @@ import asyncio
 import collections
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Mapping
@@ -24,9 +25,9 @@ from daemon.exceptions import AnvilError, Unavailable
 from daemon.executors import protocol
 from daemon.executors import result as results
 from daemon.executors.engine import EngineSettings
+from daemon.executors.guest_run import GuestRun
 from daemon.executors.module_cache import load_or_create_secret
 from daemon.executors.result import ExecutionResult
-from daemon.executors.sandbox import RunRequest
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ class PoolSettings:
 
     workers: int = 2
     cache_dir: Path | None = None  # on-disk module cache; None = memory only
+    # Each worker stages inputs in its own folder under here; None = the system temp.
+    scratch_dir: Path | None = None
     memory_cache_entries: int = 64  # per worker
     memory_cache_bytes: int = 512 << 20  # per worker
     max_module_bytes: int = 64 << 20
@@ -60,6 +63,7 @@ class _Worker:
         self._stdin = proc.stdin
         self._stdout = proc.stdout
         self.cached: frozenset[str] = frozenset()
+        self.scratch: Path | None = None  # its own folder, reported in `ready`
 
     @property
     def pid(self) -> int:
@@ -93,6 +97,12 @@ class _Worker:
         except TimeoutError:
             pass
         await self.kill()
+        await self.remove_scratch()
+
+    async def remove_scratch(self) -> None:
+        """What a killed worker left staged (one that exits cleanly removes its own)."""
+        if self.scratch is not None:
+            await asyncio.to_thread(shutil.rmtree, self.scratch, True)
 
     def exit_status(self) -> str:
         code = self.proc.returncode
@@ -113,6 +123,9 @@ class WorkerPool:
         self._idle: list[_Worker] = []
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._background: set[asyncio.Task[None]] = set()
+        # Module path -> the digest a worker last found for it: runs that name no
+        # digest still go to a worker holding their module.
+        self._digests: dict[Path, str] = {}
         self._closed = False
         self.replaced = 0  # workers killed and replaced since start
 
@@ -154,7 +167,7 @@ class WorkerPool:
         """Process ids of the live workers (for tests and metrics)."""
         return sorted(w.pid for w in self._workers)
 
-    async def run(self, request: RunRequest) -> ExecutionResult:
+    async def run(self, request: GuestRun) -> ExecutionResult:
         """Run one guest on an idle worker; wait for one if all are busy.
 
         Returns the typed result (a guest past its deadline: TIMED_OUT, its worker
@@ -164,7 +177,9 @@ class WorkerPool:
         """
         retries = 1  # a worker lost before the guest started: safe to retry elsewhere
         while True:
-            worker = await self._acquire(request.digest)
+            worker = await self._acquire(
+                request.digest or self._digests.get(request.module_path, "")
+            )
             keep = False
             try:
                 keep, outcome = await self._run_on(worker, request)
@@ -185,7 +200,7 @@ class WorkerPool:
             return outcome
 
     async def _run_on(
-        self, worker: _Worker, request: RunRequest
+        self, worker: _Worker, request: GuestRun
     ) -> tuple[bool, ExecutionResult | AnvilError]:
         """(keep the worker?, the result or the error the worker reported)."""
         limits = request.limits
@@ -224,6 +239,10 @@ class WorkerPool:
         if head["type"] != "result" or len(blobs) != 2:
             raise protocol.ProtocolError(f"unexpected {head['type']!r} message")
         worker.cached = frozenset(str(d) for d in head.get("cached", ()))
+        if request.digest is None and isinstance(head.get("digest"), str):
+            if len(self._digests) >= _MAX_REMEMBERED_DIGESTS:
+                self._digests.clear()
+            self._digests[request.module_path] = head["digest"]
         return True, protocol.result_from(head, blobs[0], blobs[1])
 
     # --- idle workers and waiters (single-threaded: no lock needed) ----------
@@ -266,6 +285,7 @@ class WorkerPool:
         """Kill a worker whose state we no longer trust; replace it in the background."""
         self._workers.discard(worker)
         await worker.kill()
+        await worker.remove_scratch()
         if not self._closed:
             task = asyncio.create_task(self._replace(), name="wasm-worker-replace")
             self._background.add(task)
@@ -305,6 +325,7 @@ class WorkerPool:
                 protocol.message(
                     "hello",
                     cache_dir=None if s.cache_dir is None else str(s.cache_dir),
+                    scratch_dir=None if s.scratch_dir is None else str(s.scratch_dir),
                     cache_secret=None if self._secret is None else self._secret.hex(),
                     engine=asdict(s.engine),
                     memory_cache_entries=s.memory_cache_entries,
@@ -316,11 +337,14 @@ class WorkerPool:
                 head, _ = await worker.receive()
             if head["type"] != "ready":
                 raise protocol.ProtocolError(f"expected ready, got {head['type']!r}")
+            worker.scratch = Path(str(head["scratch_dir"]))
         except BaseException:
             await worker.kill()
             raise
         return worker
 
+
+_MAX_REMEMBERED_DIGESTS = 1024
 
 _KEPT_ENVIRONMENT = frozenset(
     {"PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV", "LD_LIBRARY_PATH"}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -135,6 +134,7 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
             spec, job_id=job_id, peer_id=placement.peer_id, locality_key=key
         )
         job = result.job
+        self._hub.publish(job)
         if not result.existing:
             self._view.note_placed(placement.peer_id)
             metrics.placement_made(
@@ -164,19 +164,23 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
     ) -> AsyncIterator[compute_pb2.WatchJobResponse]:
         job_id = parse_uuid(request.job_id, field_name="job_id")
         last: tuple[Any, ...] | None = None
-        # Subscribe before the first read, so no change can slip in between.
-        async with self._hub.waiter(job_id) as changed:
+        # Subscribe before the first look, so no change can slip in between.
+        async with self._hub.watch(job_id) as watch:
+            job = self._hub.recent(job_id) or await self._registry.jobs.get(job_id)
             while True:
-                changed.clear()
-                job = await self._registry.jobs.get(job_id)
                 seen = (job.state, job.attempt, job.peer_id)
                 if seen != last:
                     last = seen
                     yield compute_pb2.WatchJobResponse(status=convert.job_status(job))
                 if job.state.terminal:
                     return
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), WATCH_BACKSTOP_S)
+                try:
+                    await asyncio.wait_for(watch.changed.wait(), WATCH_BACKSTOP_S)
+                    job, read = watch.take(job)
+                except TimeoutError:
+                    read = True  # the backstop: a lost notification cannot stall a stream
+                if read:
+                    job = await self._registry.jobs.get(job_id)
 
 
 def _submitted(job: Job, *, existing: bool) -> compute_pb2.SubmitJobResponse:

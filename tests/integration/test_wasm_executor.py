@@ -103,8 +103,9 @@ async def test_bad_requests_raise(executor: WasmExecutor, tmp_path: Path) -> Non
     (out / "stale").write_text("x")
     with pytest.raises(InvalidArgument, match="not empty"):
         await executor.run(module, output_dir=out)
-    with pytest.raises(InvalidArgument, match="does not exist"):
-        await executor.run(module, output_dir=tmp_path / "missing")
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(InvalidArgument, match="cannot create output folder"):
+        await executor.run(module, output_dir=tmp_path / "a-file" / "out")
     with pytest.raises(InvalidArgument, match="param name"):
         await executor.run(module, output_dir=fresh_dir(tmp_path / "o1"), params={"a=b": "c"})
     with pytest.raises(InvalidArgument, match="not a readable file"):
@@ -222,11 +223,26 @@ async def test_compile_time_bound(tmp_path: Path) -> None:
         assert "longer than 0.001 s" in result.message
 
 
-async def test_scratch_inputs_are_removed_even_after_a_crash(tmp_path: Path) -> None:
+def scratch_contents(scratch: Path) -> set[str]:
+    """What the workers keep in scratch, with their pids taken out."""
+    return {
+        "/".join(["worker-N", *p.relative_to(scratch).parts[1:]])
+        for p in scratch.rglob("*")
+        if p.relative_to(scratch).parts[0].startswith("worker-")
+    } | {p.name for p in scratch.iterdir() if not p.name.startswith("worker-")}
+
+
+# Per worker: the /input of runs without inputs, and the /output folder that
+# serves run after run while guests leave nothing in it, both empty.
+AT_REST = {"worker-N", "worker-N/empty", "worker-N/output"}
+
+
+async def test_scratch_holds_nothing_staged_after_runs_and_crashes(tmp_path: Path) -> None:
     scratch = tmp_path / "scratch"
-    fresh_dir(scratch / "wasm-in-left-by-a-crash")
+    fresh_dir(scratch / "worker-99999999" / "input")  # left by a crashed daemon
     async with WasmExecutor(PoolSettings(workers=1), scratch_dir=scratch) as ex:
-        assert list(scratch.iterdir()) == []
+        # One folder per worker, holding only the empty /input of runs without inputs.
+        assert scratch_contents(scratch) == {"worker-N", "worker-N/empty"}
         stdin = tmp_path / "stdin"
         stdin.write_text("x")
         result = await ex.run(
@@ -235,7 +251,41 @@ async def test_scratch_inputs_are_removed_even_after_a_crash(tmp_path: Path) -> 
             inputs=[stdin],
         )
         assert result.outcome is Outcome.OK
-        assert list(scratch.iterdir()) == []
+        assert scratch_contents(scratch) <= AT_REST
+
+        # A worker killed while its guest reads a staged input: the pool removes
+        # the dead worker's folder, the replacement makes its own.
+        (victim,) = ex.pool.pids()
+        task = asyncio.create_task(
+            ex.run(
+                guests.write_module(tmp_path, guests.sleep(3600)),
+                output_dir=tmp_path / "o2",
+                inputs=[stdin],
+                limits=Limits(timeout_s=30),
+            )
+        )
+        await wait_for((scratch / f"worker-{victim}" / "input" / "0").exists)
+        os.kill(victim, signal.SIGKILL)
+        assert (await task).outcome is Outcome.CRASHED
+        await wait_for(lambda: ex.pool.replaced == 1 and len(ex.pool.pids()) == 1)
+        assert not (scratch / f"worker-{victim}").exists()
+        assert scratch_contents(scratch) <= AT_REST
+    assert list(scratch.iterdir()) == []  # workers that exit remove their own
+
+
+async def test_an_output_folder_is_made_and_removed_again_when_left_empty(
+    executor: WasmExecutor, tmp_path: Path
+) -> None:
+    quiet = await executor.run(
+        guests.write_module(tmp_path, guests.exit_with(0)), output_dir=tmp_path / "j1.out"
+    )
+    assert quiet.outcome is Outcome.OK and quiet.outputs == ()
+    assert not (tmp_path / "j1.out").exists()  # nothing left for the caller to remove
+    wrote = await executor.run(
+        guests.write_module(tmp_path, guests.echo()), output_dir=tmp_path / "j2.out"
+    )
+    assert [f.path for f in wrote.outputs] == [tmp_path / "j2.out" / "copy.txt"]
+    assert (tmp_path / "j2.out" / "copy.txt").read_bytes() == b""
 
 
 async def test_closed_executor_refuses_work(tmp_path: Path) -> None:

@@ -13,9 +13,9 @@ import pytest
 import pytest_asyncio
 import test_wasm_guests as guests
 
+from daemon.executors.guest_run import GuestRun
 from daemon.executors.limits import MIB, Limits
 from daemon.executors.result import ExecutionResult, Outcome
-from daemon.executors.sandbox import RunRequest
 from daemon.executors.wasm import WasmExecutor
 from daemon.executors.worker_pool import PoolSettings
 
@@ -153,15 +153,12 @@ async def test_blocking_stdin_read_is_killed_at_the_deadline(
     holder = os.open(fifo, os.O_RDWR)  # a writer that stays open and silent
     try:
         wasm = guests.read_stdin_forever()
-        (tmp_path / "in").mkdir()
-        (tmp_path / "out").mkdir()
-        request = RunRequest(
+        request = GuestRun(
             digest=hashlib.sha256(wasm).hexdigest(),
             module_path=guests.write_module(tmp_path, wasm),
             argv=("guest",),
             env=(),
-            stdin_path=fifo,
-            input_dir=tmp_path / "in",
+            inputs=(fifo,),  # staged by a hard link: still the FIFO
             output_dir=tmp_path / "out",
             limits=Limits(timeout_s=1),
         )

@@ -18,13 +18,13 @@ from daemon.commands import run as run_command
 from daemon.executors import protocol, staging
 from daemon.executors import result as results
 from daemon.executors.engine import EngineSettings, engine_key
+from daemon.executors.guest_run import GuestRun, with_outputs
 from daemon.executors.job_executor import job_limits, outcome_of
 from daemon.executors.limits import MIB, WASM_PAGE, Limits, epoch_ticks, memory_exhausted
 from daemon.executors.lru import LruCache
 from daemon.executors.module_cache import seal, unseal, wasmtime_reason
 from daemon.executors.result import ExecutionResult, Outcome, OutputFile
-from daemon.executors.sandbox import RunRequest, blame_memory, classify_error, classify_trap
-from daemon.executors.wasm import with_outputs
+from daemon.executors.sandbox import blame_memory, classify_error, classify_trap
 from daemon.executors.worker import read_message, serve
 from daemon.executors.worker_pool import worker_environment
 from daemon.jobstate import JobState
@@ -214,14 +214,13 @@ def test_outputs_over_their_limits_fail_a_successful_run(tmp_path: Path) -> None
 # --- protocol ----------------------------------------------------------------
 
 
-def _request(tmp_path: Path) -> RunRequest:
-    return RunRequest(
+def _request(tmp_path: Path) -> GuestRun:
+    return GuestRun(
         digest="ab" * 32,
         module_path=tmp_path / "m.wasm",
         argv=("guest", "k=v"),
         env=(("k", "v"),),
-        stdin_path=tmp_path / "in" / "0",
-        input_dir=tmp_path / "in",
+        inputs=(tmp_path / "a", tmp_path / "b"),
         output_dir=tmp_path / "out",
         limits=Limits(fuel=7, timeout_s=0.25),
     )
@@ -237,12 +236,18 @@ def test_requests_and_results_round_trip(tmp_path: Path) -> None:
     request = _request(tmp_path)
     head, _ = _split(protocol.message("run", **protocol.request_fields(request)))
     assert protocol.request_from(head) == request  # type: ignore[arg-type]
+    no_digest = dataclasses.replace(request, digest=None, inputs=())
+    head, _ = _split(protocol.message("run", **protocol.request_fields(no_digest)))
+    assert protocol.request_from(head) == no_digest  # type: ignore[arg-type]
 
-    result = results.trapped("stack_overflow", "deep").with_capture(
-        stdout=b"\x00\xffout", stderr=b"err", duration_s=0.5, fuel_consumed=12
+    result = (
+        results.trapped("stack_overflow", "deep")
+        .with_capture(stdout=b"\x00\xffout", stderr=b"err", duration_s=0.5, fuel_consumed=12)
+        .with_outputs((OutputFile(name="d/x.txt", path=tmp_path / "out" / "d" / "x.txt", size=3),))
     )
-    head, blobs = _split(protocol.result_message(result, ["d1"]))
+    head, blobs = _split(protocol.result_message(result, digest="cd" * 32, cached=["d1"]))
     assert head["cached"] == ["d1"]
+    assert head["digest"] == "cd" * 32
     assert protocol.result_from(head, *blobs) == result  # type: ignore[arg-type]
 
 
@@ -277,10 +282,8 @@ def test_worker_loop_in_process(tmp_path: Path) -> None:
     """hello → ready; a run whose module is garbage → started never sent, a typed result."""
     module = tmp_path / "m.wasm"
     module.write_bytes(b"garbage")
-    (tmp_path / "in").mkdir()
-    (tmp_path / "out").mkdir()
     request = dataclasses.replace(
-        _request(tmp_path), digest=hashlib.sha256(b"garbage").hexdigest(), stdin_path=None
+        _request(tmp_path), digest=hashlib.sha256(b"garbage").hexdigest(), inputs=()
     )
     hello = protocol.message(
         "hello",
@@ -328,6 +331,42 @@ def test_stage_inputs_links_them_as_0_1_2(tmp_path: Path) -> None:
     assert os.path.samefile(staged[0], a)
     with pytest.raises(exceptions.InvalidArgument, match="not a readable file"):
         staging.stage_inputs([tmp_path / "src"], tmp_path / "other")
+
+
+def test_a_fifo_is_staged_by_link_only(tmp_path: Path) -> None:
+    fifo = tmp_path / "stream"
+    os.mkfifo(fifo)
+    (tmp_path / "staged").mkdir()
+    (staged,) = staging.stage_inputs([fifo], tmp_path / "staged")
+    assert os.path.samefile(staged, fifo)
+
+
+def test_output_folder_is_made_for_the_guest_and_removed_when_left_empty(
+    tmp_path: Path,
+) -> None:
+    fresh = tmp_path / "jobs" / "j1.out"
+    assert staging.open_output_dir(fresh) is True
+    assert staging.close_output_dir(fresh, created=True) == ()
+    assert not fresh.exists()  # nothing for the caller to clean up
+
+    assert staging.open_output_dir(fresh) is True
+    (fresh / "sub").mkdir()
+    (fresh / "sub" / "r.txt").write_text("result")
+    (outputs,) = staging.close_output_dir(fresh, created=True)
+    assert (outputs.name, outputs.size) == ("sub/r.txt", 6)
+    assert outputs.path.read_text() == "result"
+
+    given = tmp_path / "given"
+    given.mkdir()
+    assert staging.open_output_dir(given) is False
+    assert staging.close_output_dir(given, created=False) == ()
+    assert given.is_dir()  # the caller's folder stays, even empty
+
+    with pytest.raises(exceptions.InvalidArgument, match="not empty"):
+        staging.open_output_dir(fresh)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(exceptions.InvalidArgument, match="cannot create output folder"):
+        staging.open_output_dir(tmp_path / "file" / "out")
 
 
 def test_params_become_argv_and_env_as_the_guide_says() -> None:
@@ -413,7 +452,7 @@ def test_job_states_from_outcomes(tmp_path: Path) -> None:
 
 
 def test_results_are_json_safe_over_the_wire() -> None:
-    head, _ = _split(protocol.result_message(results.ok(), []))
+    head, _ = _split(protocol.result_message(results.ok(), digest="ab" * 32, cached=[]))
     assert json.loads(json.dumps(head)) == head
 
 

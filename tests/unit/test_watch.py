@@ -1,0 +1,164 @@
+"""daemon/watch.py: which job changes wake a watcher, and when it must re-read the row."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+from daemon.jobstate import JobState
+from daemon.registry.listener import JOB_EVENTS, RECONNECTED, Notification
+from daemon.registry.models import Job
+from daemon.watch import RECENT_OUTPUT_BYTES, JobEventHub
+
+NOW = datetime(2026, 11, 29, tzinfo=UTC)
+
+
+def job(state: JobState, attempt: int, *, job_id: uuid.UUID | None = None) -> Job:
+    return Job(
+        job_id=job_id or uuid.UUID(int=1),
+        capability="text:wordcount",
+        region="",
+        inputs=(),
+        params={},
+        resources={},
+        locality_key="k",
+        idempotency_key=None,
+        timeout_ms=0,
+        max_attempts=3,
+        submitted_by="",
+        state=state,
+        peer_id=None,
+        attempt=attempt,
+        lease_expires_at=None,
+        output=None,
+        output_refs=(),
+        error="",
+        exit_code=None,
+        bytes_fetched_remote=0,
+        submitted_at=NOW,
+        started_at=None,
+        finished_at=None,
+        updated_at=NOW,
+        run_after=NOW,
+    )
+
+
+class FakeListener:
+    """Stands in for the LISTEN connection: the test puts notifications in."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Notification] = asyncio.Queue()
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, channel: str) -> AsyncIterator[asyncio.Queue[Notification]]:
+        assert channel == JOB_EVENTS
+        yield self.queue
+
+    async def event(self, job_id: uuid.UUID, state: JobState, attempt: int) -> None:
+        payload = json.dumps({"job_id": str(job_id), "state": state.value, "attempt": attempt})
+        await self.deliver(payload)
+
+    async def deliver(self, payload: str) -> None:
+        self.queue.put_nowait(Notification(channel=JOB_EVENTS, payload=payload))
+        for _ in range(5):  # let the hub's task take it
+            await asyncio.sleep(0)
+
+
+@contextlib.asynccontextmanager
+async def running_hub() -> AsyncIterator[tuple[JobEventHub, FakeListener]]:
+    listener = FakeListener()
+    hub = JobEventHub(listener)  # type: ignore[arg-type]
+    await hub.start()
+    try:
+        yield hub, listener
+    finally:
+        await hub.close()
+
+
+async def test_a_published_row_is_taken_without_a_read() -> None:
+    async with running_hub() as (hub, _), hub.watch(uuid.UUID(int=1)) as watch:
+        queued = job(JobState.QUEUED, 0)
+        hub.publish(job(JobState.RUNNING, 1))
+        assert watch.changed.is_set()
+        best, read = watch.take(queued)
+        assert (best.state, best.attempt, read) == (JobState.RUNNING, 1, False)
+        assert not watch.changed.is_set()
+
+
+async def test_echoes_and_old_events_need_no_read_news_does() -> None:
+    async with running_hub() as (hub, listener), hub.watch(uuid.UUID(int=1)) as watch:
+        running = job(JobState.RUNNING, 1)
+        # The insert's event and the claim's own event: old news to a watcher at RUNNING/1.
+        await listener.event(running.job_id, JobState.QUEUED, 0)
+        await listener.event(running.job_id, JobState.RUNNING, 1)
+        assert watch.changed.is_set()
+        assert watch.take(running) == (running, False)
+        # Rescued elsewhere (queued again, same attempt): news.
+        await listener.event(running.job_id, JobState.QUEUED, 1)
+        assert watch.take(running) == (running, True)
+        # A newer attempt: news.
+        await listener.event(running.job_id, JobState.RUNNING, 2)
+        assert watch.take(running)[1] is True
+
+
+async def test_a_published_terminal_row_outranks_a_late_event() -> None:
+    async with running_hub() as (hub, listener), hub.watch(uuid.UUID(int=1)) as watch:
+        await listener.event(uuid.UUID(int=1), JobState.RUNNING, 1)
+        hub.publish(job(JobState.SUCCEEDED, 1))
+        best, read = watch.take(job(JobState.QUEUED, 0))
+        assert (best.state, read) == (JobState.SUCCEEDED, False)
+
+
+async def test_events_for_other_jobs_do_not_wake_a_watcher() -> None:
+    async with running_hub() as (hub, listener), hub.watch(uuid.UUID(int=1)) as watch:
+        await listener.event(uuid.UUID(int=2), JobState.RUNNING, 1)
+        hub.publish(job(JobState.RUNNING, 1, job_id=uuid.UUID(int=3)))
+        assert not watch.changed.is_set()
+
+
+async def test_a_reconnect_makes_every_watcher_read_and_drops_the_cache() -> None:
+    async with running_hub() as (hub, listener), hub.watch(uuid.UUID(int=1)) as watch:
+        hub.publish(job(JobState.RUNNING, 1))
+        assert hub.recent(uuid.UUID(int=1)) is not None
+        await listener.deliver(RECONNECTED)
+        assert hub.recent(uuid.UUID(int=1)) is None
+        assert watch.take(job(JobState.RUNNING, 1))[1] is True
+
+
+async def test_the_recent_cache_follows_events_and_skips_big_outputs() -> None:
+    async with running_hub() as (hub, listener):
+        job_id = uuid.UUID(int=1)
+        hub.publish(job(JobState.QUEUED, 0))
+        await listener.event(job_id, JobState.QUEUED, 0)  # its own insert: still current
+        cached = hub.recent(job_id)
+        assert cached is not None and cached.state is JobState.QUEUED
+        await listener.event(job_id, JobState.RUNNING, 1)  # claimed on another peer
+        assert hub.recent(job_id) is None
+        # An older row published late never replaces a newer one.
+        hub.publish(job(JobState.SUCCEEDED, 1))
+        hub.publish(job(JobState.RUNNING, 1))
+        cached = hub.recent(job_id)
+        assert cached is not None and cached.state is JobState.SUCCEEDED
+        big = dataclasses.replace(
+            job(JobState.SUCCEEDED, 2), output=b"x" * (RECENT_OUTPUT_BYTES + 1)
+        )
+        hub.publish(big)
+        assert hub.recent(job_id) is None
+
+
+async def test_malformed_events_are_ignored() -> None:
+    async with running_hub() as (hub, listener), hub.watch(uuid.UUID(int=1)) as watch:
+        for payload in [
+            "not json",
+            "{}",
+            json.dumps({"job_id": str(uuid.UUID(int=1)), "state": "melted", "attempt": 1}),
+        ]:
+            await listener.deliver(payload)
+        assert not watch.changed.is_set()
+        await listener.event(uuid.UUID(int=1), JobState.RUNNING, 1)
+        assert watch.changed.is_set()
