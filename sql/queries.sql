@@ -91,6 +91,24 @@ VALUES (%(job_id)s, %(capability)s, %(region)s, %(inputs)s, %(params)s, %(resour
 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING *;
 
+-- name: insert_jobs
+-- Many submissions without an idempotency key in one statement (group commit).
+-- Rows go in the order given, so submitted_at keeps the order of arrival.
+INSERT INTO jobs (job_id, capability, region, inputs, params, resources, locality_key,
+                  request_sha256, timeout_ms, max_attempts, submitted_by, peer_id)
+SELECT j.job_id, j.capability, j.region, ARRAY(SELECT jsonb_array_elements_text(j.inputs)),
+       j.params, j.resources, j.locality_key, j.request_sha256, j.timeout_ms,
+       j.max_attempts, j.submitted_by, j.peer_id
+FROM unnest(%(job_ids)s::uuid[], %(capabilities)s::text[], %(regions)s::text[],
+            %(inputs)s::jsonb[], %(params)s::jsonb[], %(resources)s::jsonb[],
+            %(locality_keys)s::text[], %(request_sha256s)s::text[], %(timeout_ms)s::bigint[],
+            %(max_attempts)s::int[], %(submitted_by)s::text[], %(peer_ids)s::uuid[])
+     WITH ORDINALITY AS j(job_id, capability, region, inputs, params, resources,
+                          locality_key, request_sha256, timeout_ms, max_attempts,
+                          submitted_by, peer_id, n)
+ORDER BY j.n
+RETURNING *;
+
 -- name: get_job_by_idempotency_key
 SELECT * FROM jobs WHERE idempotency_key = %(idempotency_key)s;
 
@@ -141,11 +159,48 @@ RETURNING jobs.*;
 -- name: renew_leases
 -- Extends the leases this peer still owns; a job missing from the result was
 -- rescued, cancelled or finished elsewhere, and its guest must be stopped.
+-- Rows are locked in job_id order, as finish_jobs does: two statements that
+-- each update many rows cannot deadlock if both lock in one order.
+WITH owned AS MATERIALIZED (
+    SELECT jobs.job_id
+    FROM jobs JOIN unnest(%(job_ids)s::uuid[], %(attempts)s::int[]) AS o(job_id, attempt)
+      ON jobs.job_id = o.job_id AND jobs.attempt = o.attempt
+    WHERE jobs.state = 'running' AND jobs.peer_id = %(peer_id)s
+    ORDER BY jobs.job_id
+    FOR UPDATE OF jobs
+)
 UPDATE jobs SET lease_expires_at = clock_timestamp() + %(lease)s
-FROM unnest(%(job_ids)s::uuid[], %(attempts)s::int[]) AS owned(job_id, attempt)
-WHERE jobs.job_id = owned.job_id AND jobs.attempt = owned.attempt
-  AND jobs.state = 'running' AND jobs.peer_id = %(peer_id)s
+FROM owned
+WHERE jobs.job_id = owned.job_id
 RETURNING jobs.job_id;
+
+-- name: finish_jobs
+-- finish_job for many attempts in one statement (group commit); an attempt
+-- missing from the result did not own its job. Rows are locked in job_id
+-- order, as renew_leases does.
+WITH owned AS MATERIALIZED (
+    SELECT jobs.job_id, f.state, f.output, f.output_refs, f.error, f.exit_code,
+           f.bytes_fetched_remote
+    FROM jobs JOIN unnest(%(job_ids)s::uuid[], %(attempts)s::int[], %(peer_ids)s::uuid[],
+                          %(states)s::job_state[], %(outputs)s::bytea[],
+                          %(output_refs)s::jsonb[], %(errors)s::text[], %(exit_codes)s::int[],
+                          %(bytes_fetched_remote)s::bigint[])
+         AS f(job_id, attempt, peer_id, state, output, output_refs, error, exit_code,
+              bytes_fetched_remote)
+      ON jobs.job_id = f.job_id AND jobs.attempt = f.attempt AND jobs.peer_id = f.peer_id
+    WHERE jobs.state = 'running'
+    ORDER BY jobs.job_id
+    FOR UPDATE OF jobs
+)
+UPDATE jobs
+SET state = owned.state, output = owned.output,
+    output_refs = ARRAY(SELECT jsonb_array_elements_text(owned.output_refs)),
+    error = owned.error, exit_code = owned.exit_code,
+    bytes_fetched_remote = jobs.bytes_fetched_remote + owned.bytes_fetched_remote,
+    lease_expires_at = NULL, finished_at = clock_timestamp(), updated_at = clock_timestamp()
+FROM owned
+WHERE jobs.job_id = owned.job_id
+RETURNING jobs.*;
 
 -- name: finish_job
 -- First terminal write wins: only the attempt that owns the job may end it.

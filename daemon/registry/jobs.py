@@ -9,13 +9,16 @@ snapshot of a running job can never overwrite a result that committed first.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from psycopg.types.json import Jsonb
 
 from daemon.exceptions import (
+    AlreadyExists,
+    AnvilError,
     FailedPrecondition,
     IdempotencyConflict,
     InvalidArgument,
@@ -25,11 +28,18 @@ from daemon.exceptions import (
 )
 from daemon.jobstate import FINISH_STATES, JobState
 from daemon.registry import queries
+from daemon.registry.batcher import Batcher, Failed
 from daemon.registry.driver import Pool, translate_errors
 from daemon.registry.models import Job, JobEvent, JobSpec, Outcome, SubmitResult
 
 MAX_INLINE_OUTPUT = 4 * 1024 * 1024
 MIN_LEASE = timedelta(milliseconds=100)
+# Rows per group-committed statement: enough for a burst from many clients,
+# small enough that one batch of inline outputs stays a modest message.
+MAX_BATCH = 64
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -48,9 +58,23 @@ def _check_lease(lease: timedelta) -> None:
         raise InvalidArgument(f"lease must be at least {MIN_LEASE}, got {lease}")
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Finish:
+    job_id: uuid.UUID
+    peer_id: uuid.UUID
+    attempt: int
+    outcome: Outcome
+
+
 class JobStore:
     def __init__(self, pool: Pool) -> None:
         self._pool = pool
+        self._inserts: Batcher[dict[str, Any], Job] = Batcher(
+            self._insert_many, max_batch=MAX_BATCH
+        )
+        self._finishes: Batcher[_Finish, dict[str, Any] | None] = Batcher(
+            self._finish_many, max_batch=MAX_BATCH
+        )
 
     async def _one(self, name: str, params: dict[str, Any]) -> dict[str, Any] | None:
         with translate_errors():
@@ -95,6 +119,8 @@ class JobStore:
             "submitted_by": spec.submitted_by,
             "peer_id": peer_id,
         }
+        if spec.idempotency_key is None:
+            return SubmitResult(job=await self._inserts.submit(params), existing=False)
         # Two rounds at most: the conflicting row can only vanish if it is
         # deleted between our insert and our read, and then the insert wins.
         for _ in range(2):
@@ -207,24 +233,74 @@ class JobStore:
             raise InvalidArgument(
                 f"inline output is limited to {MAX_INLINE_OUTPUT} bytes; store it as an object"
             )
-        row = await self._one(
-            "finish_job",
-            {
-                "job_id": job_id,
-                "peer_id": peer_id,
-                "attempt": attempt,
-                "state": outcome.state.value,
-                "output": outcome.output,
-                "output_refs": list(outcome.output_refs),
-                "error": outcome.error,
-                "exit_code": outcome.exit_code,
-                "bytes_fetched_remote": outcome.bytes_fetched_remote,
-            },
+        row = await self._finishes.submit(
+            _Finish(job_id=job_id, peer_id=peer_id, attempt=attempt, outcome=outcome)
         )
         if row is None:
             job = await self.get(job_id)
             raise self._precondition(job, "finish", peer_id=peer_id, attempt=attempt)
         return Job.from_row(row)
+
+    async def _insert_many(self, batch: list[dict[str, Any]]) -> Sequence[Job | Failed]:
+        if len(batch) == 1:
+            row = await self._one("insert_job", batch[0])
+            if row is None:  # only an idempotency key conflicts, and these have none
+                raise FailedPrecondition(f"job {batch[0]['job_id']} was not inserted")
+            return [Job.from_row(row)]
+        try:
+            rows = await self._all(
+                "insert_jobs",
+                {
+                    "job_ids": [p["job_id"] for p in batch],
+                    "capabilities": [p["capability"] for p in batch],
+                    "regions": [p["region"] for p in batch],
+                    "inputs": [Jsonb(p["inputs"]) for p in batch],
+                    "params": [p["params"] for p in batch],
+                    "resources": [p["resources"] for p in batch],
+                    "locality_keys": [p["locality_key"] for p in batch],
+                    "request_sha256s": [p["request_sha256"] for p in batch],
+                    "timeout_ms": [p["timeout_ms"] for p in batch],
+                    "max_attempts": [p["max_attempts"] for p in batch],
+                    "submitted_by": [p["submitted_by"] for p in batch],
+                    "peer_ids": [p["peer_id"] for p in batch],
+                },
+            )
+        except (InvalidArgument, AlreadyExists):
+            # One bad row fails the statement: insert each alone, so only its
+            # own submitter gets the error.
+            return await _each(batch, self._insert_many)
+        by_id = {row["job_id"]: row for row in rows}
+        return [Job.from_row(by_id[p["job_id"]]) for p in batch]
+
+    async def _finish_many(self, batch: list[_Finish]) -> Sequence[dict[str, Any] | Failed | None]:
+        if len(batch) == 1:
+            (f,) = batch
+            return [await self._one("finish_job", {**_finish_params(f), "job_id": f.job_id})]
+        firsts = list({f.job_id: f for f in reversed(batch)}.values())
+        if len(firsts) < len(batch):
+            # Two results for one job race: in one statement both would match the
+            # row and both see it returned. One by one, the first write wins.
+            return await _each(batch, self._finish_many)
+        columns = [_finish_params(f) for f in batch]
+        try:
+            rows = await self._all(
+                "finish_jobs",
+                {
+                    "job_ids": [f.job_id for f in batch],
+                    "attempts": [c["attempt"] for c in columns],
+                    "peer_ids": [c["peer_id"] for c in columns],
+                    "states": [c["state"] for c in columns],
+                    "outputs": [c["output"] for c in columns],
+                    "output_refs": [Jsonb(c["output_refs"]) for c in columns],
+                    "errors": [c["error"] for c in columns],
+                    "exit_codes": [c["exit_code"] for c in columns],
+                    "bytes_fetched_remote": [c["bytes_fetched_remote"] for c in columns],
+                },
+            )
+        except InvalidArgument:
+            return await _each(batch, self._finish_many)
+        by_id = {row["job_id"]: row for row in rows}
+        return [by_id.get(f.job_id) for f in batch]
 
     async def release(
         self,
@@ -327,4 +403,37 @@ class JobStore:
                 f"cannot {action} job {job.job_id}: attempt {attempt} on peer {peer_id} no longer "
                 f"owns it (attempt {job.attempt} on peer {job.peer_id} does)"
             )
+        if attempt is not None and job.state is JobState.QUEUED and attempt <= job.attempt:
+            return StaleAttempt(
+                f"cannot {action} job {job.job_id}: attempt {attempt} was handed back or "
+                f"rescued; the job is queued for its next attempt"
+            )
         return FailedPrecondition(f"cannot {action} job {job.job_id} in state {job.state}")
+
+
+def _finish_params(f: _Finish) -> dict[str, Any]:
+    outcome = f.outcome
+    return {
+        "peer_id": f.peer_id,
+        "attempt": f.attempt,
+        "state": outcome.state.value,
+        "output": outcome.output,
+        "output_refs": list(outcome.output_refs),
+        "error": outcome.error,
+        "exit_code": outcome.exit_code,
+        "bytes_fetched_remote": outcome.bytes_fetched_remote,
+    }
+
+
+async def _each(
+    batch: list[T], run: Callable[[list[T]], Awaitable[Sequence[R | Failed]]]
+) -> list[R | Failed]:
+    """Run the items one by one, each failing (if it does) for its own caller alone."""
+    results: list[R | Failed] = []
+    for item in batch:
+        try:
+            (result,) = await run([item])
+        except AnvilError as exc:
+            result = Failed(exc)
+        results.append(result)
+    return results

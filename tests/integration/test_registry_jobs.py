@@ -371,3 +371,77 @@ async def test_queued_jobs_leave_down_silent_and_draining_peers(registry: Regist
     assert unplaced == {jobs[down].job_id, jobs[silent].job_id}
     assert await registry.jobs.unplace_peer_queue(up) == 1
     assert (await registry.jobs.get(jobs[up].job_id)).peer_id is None
+
+
+async def xmins(registry: Registry, job_ids: list[uuid.UUID]) -> set[int]:
+    """The transactions that last wrote these rows."""
+    async with registry.pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT xmin::text::bigint AS x FROM jobs WHERE job_id = ANY(%s)", (job_ids,)
+        )
+        return {row["x"] for row in await cur.fetchall()}
+
+
+async def test_a_burst_of_submissions_is_one_commit_in_arrival_order(registry: Registry) -> None:
+    peer = uuid.uuid4()
+    results = await asyncio.gather(
+        *(
+            registry.jobs.submit(
+                spec(params={"i": str(i)}, inputs=(f"sha256:{i:064x}",)), peer_id=peer
+            )
+            for i in range(50)
+        )
+    )
+    jobs = [r.job for r in results]
+    assert [j.params["i"] for j in jobs] == [str(i) for i in range(50)]
+    assert all(
+        not r.existing and j.state is JobState.QUEUED for r, j in zip(results, jobs, strict=True)
+    )
+    assert jobs[7].inputs == (f"sha256:{7:064x}",)
+    assert len(await xmins(registry, [j.job_id for j in jobs])) <= 2  # group committed
+    oldest_first = await registry.jobs.claim_next(peer, lease=LEASE, limit=50)
+    assert [j.params["i"] for j in oldest_first] == [str(i) for i in range(50)]
+
+
+async def test_a_bad_row_in_a_burst_fails_only_its_own_submission(registry: Registry) -> None:
+    peer = uuid.uuid4()
+    bad = spec(params={"i": "bad"})
+    object.__setattr__(bad, "max_attempts", 0)  # past validation: the database refuses it
+    specs = [spec(params={"i": str(i)}) for i in range(10)]
+    specs.insert(4, bad)
+    results = await asyncio.gather(
+        *(registry.jobs.submit(s, peer_id=peer) for s in specs), return_exceptions=True
+    )
+    assert isinstance(results[4], InvalidArgument)
+    good = [r for i, r in enumerate(results) if i != 4]
+    assert all(not isinstance(r, BaseException) for r in good)
+    assert len(await registry.jobs.claim_next(peer, lease=LEASE, limit=20)) == 10
+
+
+async def test_a_burst_of_results_is_one_commit_and_a_stale_one_is_refused(
+    registry: Registry,
+) -> None:
+    peer = uuid.uuid4()
+    await submit_many(registry, 30, peer)
+    claimed = await registry.jobs.claim_next(peer, lease=LEASE, limit=30)
+    assert len(claimed) == 30
+    stale = claimed[0]
+
+    async def finish(job: Job, attempt: int) -> Job | BaseException:
+        try:
+            return await registry.jobs.finish(
+                job.job_id,
+                peer_id=peer,
+                attempt=attempt,
+                outcome=Outcome(state=JobState.SUCCEEDED, output=job.job_id.bytes, exit_code=0),
+            )
+        except StaleAttempt as exc:
+            return exc
+
+    results = await asyncio.gather(finish(stale, 2), *(finish(j, 1) for j in claimed[1:]))
+    assert isinstance(results[0], StaleAttempt)
+    finished = results[1:]
+    assert all(isinstance(f, Job) and f.state is JobState.SUCCEEDED for f in finished)
+    assert [f.output for f in finished] == [j.job_id.bytes for j in claimed[1:]]  # type: ignore[union-attr]
+    assert len(await xmins(registry, [j.job_id for j in claimed[1:]])) <= 2
+    assert (await registry.jobs.get(stale.job_id)).state is JobState.RUNNING
