@@ -96,9 +96,15 @@ async def podman_job(socket: Path, archive: Path, outputs: Outputs, repeat: int)
         return await measure_async(once, repeat)
 
 
-def podman_cli(socket: Path, image: str, repeat: int) -> Stats:
+async def load_image(socket: Path, archive: Path) -> None:
+    async with PodmanExecutor(socket, owner="anvil-bench") as ex:
+        await ex.load_image(archive)
+
+
+def podman_run_command(socket: Path, image: str) -> list[str]:
+    """`podman run` of `echo ok` with the executor's hardening, as flags."""
     podman = shutil.which("podman") or "podman"
-    cmd = [
+    return [
         podman,
         "--url",
         f"unix://{socket}",
@@ -115,6 +121,10 @@ def podman_cli(socket: Path, image: str, repeat: int) -> Stats:
         "echo",
         "ok",
     ]
+
+
+def podman_cli(socket: Path, image: str, repeat: int) -> Stats:
+    cmd = podman_run_command(socket, image)
 
     def once() -> None:
         assert subprocess.run(cmd, check=True, capture_output=True).stdout == b"ok\n"

@@ -88,6 +88,15 @@ def _positive_float(value: Any) -> float:
     return number
 
 
+def _non_negative_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a number >= 0")
+    number = float(value)
+    if not 0 <= number < float("inf"):
+        raise ValueError("expected a number >= 0")
+    return number
+
+
 def _non_negative_int(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError("expected an integer >= 0")
@@ -129,6 +138,7 @@ class Settings:
     default_timeout_ms: int
     balance: float
     drain_grace_s: float
+    job_retention_s: float
     cache_max_bytes: int
     max_inline_output: int
     wasm_workers: int
@@ -194,6 +204,11 @@ FIELDS: dict[str, tuple[Callable[[Any], Any], Callable[[], Any], str]] = {
     "default_timeout_ms": (_positive_int, lambda: 60_000, "job timeout when none is given"),
     "balance": (_positive_float, lambda: 1.25, "bounded-load factor c (>= 1)"),
     "drain_grace_s": (_positive_float, lambda: 30.0, "SIGTERM: time to finish running jobs"),
+    "job_retention_s": (
+        _non_negative_float,
+        lambda: 7 * 24 * 3600.0,
+        "seconds a finished job (and its events) is kept; 0 = forever",
+    ),
     "cache_max_bytes": (_positive_int, lambda: 10 * 1024**3, "object cache size bound"),
     "max_inline_output": (
         _positive_int,

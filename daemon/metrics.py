@@ -115,6 +115,11 @@ MEMBERSHIP_PEERS = Gauge(
     ["kind"],
     registry=REGISTRY,
 )
+JOBS_PRUNED = Counter(
+    f"{PREFIX}_jobs_pruned",
+    "Finished jobs this peer deleted from the registry after their retention",
+    registry=REGISTRY,
+)
 QUEUE_DEPTH = Gauge(
     f"{PREFIX}_queue_depth",
     "Jobs placed on this peer and waiting to be claimed (refreshed every few seconds)",

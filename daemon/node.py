@@ -201,7 +201,11 @@ class Node:
         await runner.start()
         self._cleanup.append(runner.close)
         rescuer = Rescuer(
-            registry=registry, view=view, dispatch=dispatch, interval_s=max(s.lease_s / 4, 0.2)
+            registry=registry,
+            view=view,
+            dispatch=dispatch,
+            interval_s=max(s.lease_s / 4, 0.2),
+            retention=timedelta(seconds=s.job_retention_s) if s.job_retention_s else None,
         )
         self._tasks = [
             asyncio.create_task(self._heartbeat_loop(), name="peer-heartbeat"),

@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Callable
+from datetime import timedelta
 
-from daemon import retry
+from daemon import metrics, retry
 from daemon.exceptions import AnvilError
 from daemon.membership import MembershipView
 from daemon.registry import Registry
 
 log = logging.getLogger(__name__)
+
+PRUNE_EVERY_S = 60.0  # finished jobs past their retention are deleted this often
+PRUNE_BATCH = 1000  # rows per statement
+PRUNE_BATCHES = 20  # statements per round at most: a backlog goes in steps
 
 
 class Rescuer:
@@ -27,21 +33,46 @@ class Rescuer:
         view: MembershipView,
         dispatch: Callable[[uuid.UUID, str, uuid.UUID], None],
         interval_s: float,
+        retention: timedelta | None = None,
     ) -> None:
         self._registry = registry
         self._view = view
         self._dispatch = dispatch
         self._interval_s = interval_s
+        self._retention = retention
+        # A short retention (tests, scratch clusters) is enforced at its own pace.
+        self._prune_every_s = PRUNE_EVERY_S
+        if retention is not None:
+            self._prune_every_s = min(PRUNE_EVERY_S, max(retention.total_seconds() / 4, interval_s))
+        self._next_prune = time.monotonic() + self._prune_every_s
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self._interval_s)
             try:
                 await self.sweep()
+                if self._retention is not None and time.monotonic() >= self._next_prune:
+                    self._next_prune = time.monotonic() + self._prune_every_s
+                    await self.prune()
             except AnvilError as exc:
                 log.warning("rescue sweep failed: %s", exc)
             except Exception:
                 log.exception("rescue sweep failed unexpectedly")
+
+    async def prune(self) -> int:
+        """Delete finished jobs older than the retention; return how many went."""
+        if self._retention is None:
+            return 0
+        pruned = 0
+        for _ in range(PRUNE_BATCHES):
+            n = await self._registry.jobs.prune(older_than=self._retention, limit=PRUNE_BATCH)
+            pruned += n
+            if n < PRUNE_BATCH:
+                break
+        if pruned:
+            metrics.JOBS_PRUNED.inc(pruned)
+            log.info("pruned %d jobs finished more than %s ago", pruned, self._retention)
+        return pruned
 
     async def sweep(self) -> int:
         """One pass: mark silent peers down, take queued jobs off unavailable peers,

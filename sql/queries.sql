@@ -88,7 +88,7 @@ INSERT INTO jobs (job_id, capability, region, inputs, params, resources, localit
 VALUES (%(job_id)s, %(capability)s, %(region)s, %(inputs)s, %(params)s, %(resources)s,
         %(locality_key)s, %(idempotency_key)s, %(request_sha256)s, %(timeout_ms)s,
         %(max_attempts)s, %(submitted_by)s, %(peer_id)s)
-ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+ON CONFLICT (submitted_by, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING *;
 
 -- name: insert_jobs
@@ -110,7 +110,21 @@ ORDER BY j.n
 RETURNING *;
 
 -- name: get_job_by_idempotency_key
-SELECT * FROM jobs WHERE idempotency_key = %(idempotency_key)s;
+SELECT * FROM jobs
+WHERE submitted_by = %(submitted_by)s AND idempotency_key = %(idempotency_key)s;
+
+-- name: prune_finished_jobs
+-- Delete up to `limit` jobs (and, by cascade, their events) that ended more
+-- than `older_than` ago by the database's clock, oldest first. SKIP LOCKED:
+-- peers pruning at once split the work.
+DELETE FROM jobs
+WHERE job_id IN (
+    SELECT job_id FROM jobs
+    WHERE finished_at < clock_timestamp() - %(older_than)s
+    ORDER BY finished_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+);
 
 -- name: get_job
 SELECT * FROM jobs WHERE job_id = %(job_id)s;

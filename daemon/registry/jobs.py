@@ -140,7 +140,8 @@ class JobStore:
         if spec.idempotency_key is None:
             return None
         row = await self._one(
-            "get_job_by_idempotency_key", {"idempotency_key": spec.idempotency_key}
+            "get_job_by_idempotency_key",
+            {"idempotency_key": spec.idempotency_key, "submitted_by": spec.submitted_by},
         )
         if row is None:
             return None
@@ -301,6 +302,19 @@ class JobStore:
             return await _each(batch, self._finish_many)
         by_id = {row["job_id"]: row for row in rows}
         return [by_id.get(f.job_id) for f in batch]
+
+    async def prune(self, *, older_than: timedelta, limit: int = 1000) -> int:
+        """Delete up to `limit` jobs that ended more than `older_than` ago, with
+        their events; return how many went."""
+        if limit < 1:
+            raise InvalidArgument(f"limit must be positive, got {limit}")
+        with translate_errors():
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(
+                    queries.get("prune_finished_jobs"),
+                    {"older_than": older_than, "limit": limit},
+                )
+                return cur.rowcount
 
     async def release(
         self,

@@ -219,3 +219,30 @@ async def test_bad_requests_get_the_right_status(peer: Peer, peers: PeerFactory)
         assert await code_of(client.submit("text:wordcount")) is (grpc.StatusCode.PERMISSION_DENIED)
         assert await code_of(client.cancel(missing)) is grpc.StatusCode.PERMISSION_DENIED
         assert await code_of(client.status(missing)) is grpc.StatusCode.NOT_FOUND
+
+
+async def test_finished_jobs_are_pruned_after_their_retention(
+    peers: PeerFactory, tmp_path: Path, database_url: str
+) -> None:
+    peer = await asyncio.to_thread(
+        peers.start, config=guests_config(tmp_path), ANVIL_JOB_RETENTION_S="1"
+    )
+    async with peer.client() as client:
+        done = await client.submit("text:wordcount")
+        assert state(await client.wait(done.job_id)) is JobState.SUCCEEDED
+        deadline = asyncio.get_running_loop().time() + 30
+        code = None
+        while code is None and asyncio.get_running_loop().time() < deadline:
+            try:
+                await client.status(done.job_id)
+                await asyncio.sleep(0.2)
+            except aio.AioRpcError as exc:
+                code = exc.code()
+        assert code is grpc.StatusCode.NOT_FOUND, "never pruned"
+    # (That jobs which have not ended are never pruned: test_registry_jobs.py.)
+    with psycopg.connect(database_url) as conn:
+        (events,) = conn.execute(
+            "SELECT count(*) FROM job_events WHERE job_id = %s", (done.job_id,)
+        ).fetchone()
+    assert events == 0
+    assert peer.metric("anvil_compute_jobs_pruned_total") >= 1

@@ -445,3 +445,59 @@ async def test_a_burst_of_results_is_one_commit_and_a_stale_one_is_refused(
     assert [f.output for f in finished] == [j.job_id.bytes for j in claimed[1:]]  # type: ignore[union-attr]
     assert len(await xmins(registry, [j.job_id for j in claimed[1:]])) <= 2
     assert (await registry.jobs.get(stale.job_id)).state is JobState.RUNNING
+
+
+async def test_an_idempotency_key_belongs_to_its_submitter(registry: Registry) -> None:
+    alice = await registry.jobs.submit(spec(idempotency_key="nightly", submitted_by="alice"))
+    bob = await registry.jobs.submit(spec(idempotency_key="nightly", submitted_by="bob"))
+    assert alice.job.job_id != bob.job.job_id
+    assert not alice.existing and not bob.existing
+    again = await registry.jobs.submit(spec(idempotency_key="nightly", submitted_by="alice"))
+    assert again.existing and again.job.job_id == alice.job.job_id
+    # Bob's other request under the same key conflicts with his own job only.
+    with pytest.raises(IdempotencyConflict, match=str(bob.job.job_id)):
+        await registry.jobs.submit(
+            spec(idempotency_key="nightly", submitted_by="bob", params={"x": "1"})
+        )
+
+
+async def age(registry: Registry, job_ids: list[uuid.UUID], seconds: int) -> None:
+    async with registry.pool.connection() as conn:
+        await conn.execute(
+            "UPDATE jobs SET finished_at = finished_at - make_interval(secs => %s) "
+            "WHERE job_id = ANY(%s)",
+            (seconds, job_ids),
+        )
+
+
+async def test_prune_deletes_only_jobs_finished_before_the_retention(
+    registry: Registry,
+) -> None:
+    peer = uuid.uuid4()
+    jobs = await submit_many(registry, 6, peer)
+    claimed = await registry.jobs.claim_next(peer, lease=LEASE, limit=4)
+    for job in claimed[:3]:
+        await registry.jobs.finish(
+            job.job_id, peer_id=peer, attempt=1, outcome=Outcome(state=JobState.SUCCEEDED)
+        )
+    queued = [j for j in jobs if j.job_id not in {c.job_id for c in claimed}]
+    cancelled = await registry.jobs.cancel(queued[0].job_id, reason="no")
+    old = [claimed[0].job_id, claimed[1].job_id, cancelled.job_id]
+    await age(registry, old, 3600)
+    # Aged, but still running or queued: never pruned.
+    await age(registry, [claimed[3].job_id, queued[1].job_id], 3600)
+
+    assert await registry.jobs.prune(older_than=timedelta(minutes=30), limit=2) == 2
+    assert await registry.jobs.prune(older_than=timedelta(minutes=30)) == 1
+    assert await registry.jobs.prune(older_than=timedelta(minutes=30)) == 0
+    for job_id in old:
+        with pytest.raises(JobNotFound):
+            await registry.jobs.get(job_id)
+    kept = {claimed[2].job_id, claimed[3].job_id, queued[1].job_id}
+    for job_id in kept:
+        await registry.jobs.get(job_id)
+    async with registry.pool.connection() as conn:
+        cur = await conn.execute("SELECT DISTINCT job_id FROM job_events")
+        assert {row["job_id"] for row in await cur.fetchall()} == kept  # events went too
+    with pytest.raises(InvalidArgument):
+        await registry.jobs.prune(older_than=timedelta(0), limit=0)

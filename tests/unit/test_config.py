@@ -28,7 +28,15 @@ def test_unknown_key_is_named(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("listen", "nowhere"), ("peer_ttl_s", "-1"), ("db_pool_size", "0"), ("region", "")],
+    [
+        ("listen", "nowhere"),
+        ("peer_ttl_s", "-1"),
+        ("db_pool_size", "0"),
+        ("region", ""),
+        ("job_retention_s", "-1"),
+        ("job_retention_s", "inf"),
+        ("job_retention_s", "nan"),
+    ],
 )
 def test_bad_values_are_named(key: str, value: str) -> None:
     with pytest.raises(ConfigError, match=f"bad value for '{key}'"):
@@ -47,3 +55,8 @@ def test_broken_or_missing_explicit_file(tmp_path: Path) -> None:
 def test_inline_output_cannot_exceed_what_the_registry_keeps() -> None:
     with pytest.raises(ConfigError, match="max_inline_output"):
         config.load(environ={"ANVIL_MAX_INLINE_OUTPUT": str(5 * 1024 * 1024)})
+
+
+def test_job_retention_defaults_to_a_week_and_zero_keeps_jobs() -> None:
+    assert config.load(environ={}).job_retention_s == 7 * 24 * 3600
+    assert config.load(environ={"ANVIL_JOB_RETENTION_S": "0"}).job_retention_s == 0

@@ -455,7 +455,10 @@ class SubmitJobRequest(_message.Message):
     locality_key: _builtins.str
     """Placement key; defaults to the first input's object key, else the job id."""
     idempotency_key: _builtins.str
-    """A repeated key returns the first job instead of creating another."""
+    """A key repeated by the same submitter (the token's subject) returns the
+    first job instead of creating another; keys of different submitters never
+    meet.
+    """
     timeout_ms: _builtins.int
     """Wall-clock limit of one attempt; zero means the capability's default."""
     max_attempts: _builtins.int
