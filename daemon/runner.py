@@ -171,6 +171,7 @@ class Runner:
                     attempt=running.job.attempt,
                     next_peer_id=None,
                     error="peer drained before the job finished; re-placed",
+                    spare=True,
                 )
         writing = [r.task for r in self._running.values() if r.finishing]
         if writing:

@@ -144,7 +144,7 @@ SET state = 'running', attempt = attempt + 1, error = '',
     lease_expires_at = clock_timestamp() + %(lease)s,
     started_at = clock_timestamp(), updated_at = clock_timestamp()
 WHERE job_id = %(job_id)s AND state = 'queued' AND peer_id = %(peer_id)s
-  AND attempt < max_attempts AND run_after <= clock_timestamp()
+  AND attempt - handed_back < max_attempts AND run_after <= clock_timestamp()
 RETURNING *;
 
 -- name: claim_next
@@ -155,7 +155,7 @@ RETURNING *;
 -- subquery the planner may re-run it per row and claim more than the limit.
 WITH next AS MATERIALIZED (
     SELECT job_id FROM jobs
-    WHERE state = 'queued' AND peer_id = %(peer_id)s AND attempt < max_attempts
+    WHERE state = 'queued' AND peer_id = %(peer_id)s AND attempt - handed_back < max_attempts
       AND run_after <= clock_timestamp()
       AND (%(capabilities)s::text[] IS NULL OR capability = ANY(%(capabilities)s))
     ORDER BY submitted_at, job_id
@@ -228,12 +228,18 @@ WHERE job_id = %(job_id)s AND state = 'running' AND attempt = %(attempt)s
 RETURNING *;
 
 -- name: release_job
--- Hand a running attempt back (drain, transient failure): queued again for
--- next_peer_id, or failed for good once its attempts are used up.
+-- Hand a running attempt back: queued again for next_peer_id. After a
+-- transient failure the attempt counts (failed for good once they are used
+-- up); a draining peer's hand-back (`spare`) does not count. Every SET
+-- expression reads the row as it was, so handed_back below is the old value.
 UPDATE jobs
-SET state = CASE WHEN attempt >= max_attempts THEN 'failed'::job_state ELSE 'queued' END,
-    peer_id = CASE WHEN attempt >= max_attempts THEN peer_id ELSE %(next_peer_id)s END,
-    finished_at = CASE WHEN attempt >= max_attempts THEN clock_timestamp() END,
+SET handed_back = handed_back + %(spare)s::int,
+    state = CASE WHEN attempt - handed_back - %(spare)s::int >= max_attempts
+                 THEN 'failed'::job_state ELSE 'queued' END,
+    peer_id = CASE WHEN attempt - handed_back - %(spare)s::int >= max_attempts
+                   THEN peer_id ELSE %(next_peer_id)s END,
+    finished_at = CASE WHEN attempt - handed_back - %(spare)s::int >= max_attempts
+                       THEN clock_timestamp() END,
     error = %(error)s, lease_expires_at = NULL, updated_at = clock_timestamp()
 WHERE job_id = %(job_id)s AND state = 'running' AND attempt = %(attempt)s
   AND peer_id = %(peer_id)s
@@ -250,9 +256,12 @@ LIMIT %(limit)s;
 -- Compare-and-set on (running, same attempt, lease in the past): a completion
 -- or renewal that commits first makes this a no-op, never an overwrite.
 UPDATE jobs
-SET state = CASE WHEN attempt >= max_attempts THEN 'failed'::job_state ELSE 'queued' END,
-    peer_id = CASE WHEN attempt >= max_attempts THEN peer_id ELSE %(next_peer_id)s END,
-    finished_at = CASE WHEN attempt >= max_attempts THEN clock_timestamp() END,
+SET state = CASE WHEN attempt - handed_back >= max_attempts
+                 THEN 'failed'::job_state ELSE 'queued' END,
+    peer_id = CASE WHEN attempt - handed_back >= max_attempts
+                   THEN peer_id ELSE %(next_peer_id)s END,
+    finished_at = CASE WHEN attempt - handed_back >= max_attempts
+                       THEN clock_timestamp() END,
     run_after = clock_timestamp() + %(backoff)s,
     error = %(error)s, lease_expires_at = NULL, updated_at = clock_timestamp()
 WHERE job_id = %(job_id)s AND state = 'running' AND attempt = %(attempt)s

@@ -324,8 +324,13 @@ class JobStore:
         attempt: int,
         next_peer_id: uuid.UUID | None,
         error: str,
+        spare: bool = False,
     ) -> Job:
-        """Hand a running attempt back: QUEUED on next_peer_id, or FAILED when out of attempts."""
+        """Hand a running attempt back: QUEUED on next_peer_id, or FAILED when out of attempts.
+
+        `spare`: the attempt does not count against max_attempts (a draining
+        peer's hand-back; the job did nothing wrong).
+        """
         row = await self._one(
             "release_job",
             {
@@ -334,6 +339,7 @@ class JobStore:
                 "attempt": attempt,
                 "next_peer_id": next_peer_id,
                 "error": error,
+                "spare": spare,
             },
         )
         if row is None:

@@ -257,3 +257,38 @@ async def test_sigterm_drains_without_failing_a_job(
             "SELECT count(*) FROM compute_capabilities WHERE peer_id = %s", (leaving.peer_id,)
         ).fetchone()
     assert left == 0, "the drained peer deregistered its capabilities"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_a_job_handed_back_by_a_drain_keeps_its_only_attempt(
+    peers: PeerFactory, tmp_path: Path
+) -> None:
+    # Drain grace far shorter than a job: the leaving peer hands its running
+    # jobs back, and a job allowed a single attempt must still run to its end.
+    cluster = await start_peers(
+        peers,
+        2,
+        fabric_config(tmp_path, max_concurrency=2, nap_s=3),
+        ANVIL_BALANCE="1000000",
+        ANVIL_DRAIN_GRACE_S="0.5",
+    )
+    leaving, staying = cluster
+    ids_by_peer = [uuid.UUID(p.peer_id) for p in cluster]
+    keys = [
+        k for k in (f"h{i}" for i in range(100)) if hrw.rank(k, ids_by_peer)[0] == ids_by_peer[0]
+    ]
+    async with staying.client() as client:
+        ids = [
+            (await client.submit("test:nap", locality_key=k, max_attempts=1)).job_id
+            for k in keys[:2]
+        ]
+        deadline = time.monotonic() + 30
+        while {state(await client.status(i)) for i in ids} != {JobState.RUNNING}:
+            assert time.monotonic() < deadline, "the jobs never started"
+            await asyncio.sleep(0.1)
+    assert await asyncio.to_thread(leaving.terminate, 60) == 0
+    finals = await wait_all(staying, ids, 60)
+    assert [state(f) for f in finals] == [JobState.SUCCEEDED] * 2, [f.error for f in finals]
+    assert {f.peer_id for f in finals} == {staying.peer_id}
+    assert all(f.attempt == 2 and f.max_attempts == 1 for f in finals)

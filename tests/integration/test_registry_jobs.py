@@ -294,6 +294,45 @@ async def test_release_requeues_for_another_peer(registry: Registry) -> None:
     assert again is not None and again.attempt == 2
 
 
+async def test_a_drain_hand_back_does_not_use_up_an_attempt(registry: Registry) -> None:
+    peer, other = uuid.uuid4(), uuid.uuid4()
+    once = (await registry.jobs.submit(spec(max_attempts=1), peer_id=peer)).job
+    for attempt in (1, 2, 3):  # drained three times over: still runs
+        claimed = await registry.jobs.claim(once.job_id, peer, lease=LEASE)
+        assert claimed is not None and claimed.attempt == attempt
+        released = await registry.jobs.release(
+            once.job_id, peer_id=peer, attempt=attempt, next_peer_id=peer, error="drain", spare=True
+        )
+        assert released.state is JobState.QUEUED
+    last = await registry.jobs.claim(once.job_id, peer, lease=LEASE)
+    assert last is not None and last.attempt == 4
+    done = await registry.jobs.finish(
+        once.job_id, peer_id=peer, attempt=4, outcome=Outcome(state=JobState.SUCCEEDED)
+    )
+    assert done.state is JobState.SUCCEEDED
+
+    # A transient failure's hand-back counts: with one attempt, the job fails.
+    counted = (await registry.jobs.submit(spec(max_attempts=1), peer_id=peer)).job
+    await registry.jobs.claim(counted.job_id, peer, lease=LEASE)
+    failed = await registry.jobs.release(
+        counted.job_id, peer_id=peer, attempt=1, next_peer_id=other, error="storage down"
+    )
+    assert failed.state is JobState.FAILED and failed.peer_id == peer
+
+    # Spared attempts do not stretch the budget of counted ones: after a drain,
+    # a rescue of the next attempt of a one-attempt job still fails it.
+    rescued = (await registry.jobs.submit(spec(max_attempts=1), peer_id=peer)).job
+    await registry.jobs.claim(rescued.job_id, peer, lease=LEASE)
+    await registry.jobs.release(
+        rescued.job_id, peer_id=peer, attempt=1, next_peer_id=peer, error="drain", spare=True
+    )
+    await registry.jobs.claim(rescued.job_id, peer, lease=SHORT_LEASE)
+    await expire_leases(registry)
+    ended = await registry.jobs.rescue(rescued.job_id, attempt=2, next_peer_id=other, error="x")
+    assert ended is not None and ended.state is JobState.FAILED
+    assert await registry.jobs.claim(rescued.job_id, other, lease=LEASE) is None
+
+
 async def test_unknown_job_and_bad_input_raise_typed_errors(registry: Registry) -> None:
     missing = uuid.uuid4()
     with pytest.raises(JobNotFound):
