@@ -38,6 +38,14 @@ def looks_like_ref(text: str) -> bool:
     return "://" in text or text.startswith("sha256:")
 
 
+# Calls one client keeps in flight on its one connection, per kind. gRPC's HTTP/2
+# transport cancels some streams of a burst well past a thousand new ones on a
+# connection (seen with grpcio 1.85 against any grpc.aio server); past these
+# bounds calls wait their turn in the client instead.
+MAX_UNARY_IN_FLIGHT = 512
+MAX_STREAMS_IN_FLIGHT = 512
+
+
 class ComputeClient:
     """ComputeService over one channel, with the caller's bearer token on every call."""
 
@@ -58,6 +66,8 @@ class ComputeClient:
         self.metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token else ()
         )
+        self._unary = asyncio.Semaphore(MAX_UNARY_IN_FLIGHT)
+        self._streams = asyncio.Semaphore(MAX_STREAMS_IN_FLIGHT)
 
     async def close(self) -> None:
         await self.channel.close()
@@ -82,40 +92,41 @@ class ComputeClient:
         max_attempts: int = 0,
         deadline_s: float | None = 30.0,
     ) -> compute_pb2.SubmitJobResponse:
-        return await self.stub.SubmitJob(
-            compute_pb2.SubmitJobRequest(
-                capability=capability,
-                region=region,
-                inputs=list(inputs),
-                params=dict(params or {}),
-                idempotency_key=idempotency_key,
-                locality_key=locality_key,
-                timeout_ms=timeout_ms,
-                resources=dict(resources or {}),
-                max_attempts=max_attempts,
-            ),
-            metadata=self.metadata,
-            timeout=deadline_s,
+        request = compute_pb2.SubmitJobRequest(
+            capability=capability,
+            region=region,
+            inputs=list(inputs),
+            params=dict(params or {}),
+            idempotency_key=idempotency_key,
+            locality_key=locality_key,
+            timeout_ms=timeout_ms,
+            resources=dict(resources or {}),
+            max_attempts=max_attempts,
         )
+        async with self._unary:
+            return await self.stub.SubmitJob(request, metadata=self.metadata, timeout=deadline_s)
 
     async def status(self, job_id: str) -> compute_pb2.GetJobStatusResponse:
-        return await self.stub.GetJobStatus(
-            compute_pb2.GetJobStatusRequest(job_id=job_id), metadata=self.metadata, timeout=30
-        )
+        async with self._unary:
+            return await self.stub.GetJobStatus(
+                compute_pb2.GetJobStatusRequest(job_id=job_id), metadata=self.metadata, timeout=30
+            )
 
     async def cancel(self, job_id: str, reason: str = "") -> compute_pb2.CancelJobResponse:
-        return await self.stub.CancelJob(
-            compute_pb2.CancelJobRequest(job_id=job_id, reason=reason),
-            metadata=self.metadata,
-            timeout=30,
-        )
+        async with self._unary:
+            return await self.stub.CancelJob(
+                compute_pb2.CancelJobRequest(job_id=job_id, reason=reason),
+                metadata=self.metadata,
+                timeout=30,
+            )
 
     async def watch(self, job_id: str) -> AsyncIterator[compute_pb2.GetJobStatusResponse]:
-        call = self.stub.WatchJob(
-            compute_pb2.WatchJobRequest(job_id=job_id), metadata=self.metadata
-        )
-        async for update in call:
-            yield update.status
+        async with self._streams:
+            call = self.stub.WatchJob(
+                compute_pb2.WatchJobRequest(job_id=job_id), metadata=self.metadata
+            )
+            async for update in call:
+                yield update.status
 
     async def wait(self, job_id: str) -> compute_pb2.GetJobStatusResponse:
         """Follow the job until it ends; return its final status."""

@@ -23,6 +23,9 @@ SERVICE_NAMES = (
 )
 
 
+MAX_STREAMS_PER_CONNECTION = 1000
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ServerOptions:
     listen: str
@@ -51,6 +54,10 @@ class Server:
             options=[
                 *GRPC_OPTIONS,
                 ("grpc.so_reuseport", 0),
+                # Advertised to clients, which queue calls past it: a burst of
+                # thousands of new streams on one connection otherwise gets some
+                # of them cancelled inside gRPC's transport.
+                ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ],
