@@ -11,8 +11,9 @@ fuel = 10_000_000_000                     # per-run limits (0 = executor default
 memory_mib = 256
 
 [capabilities."demo:busybox-wc"]
-podman_image = "localhost/anvil-busybox@sha256:…"
-command = ["wc", "-w"]
+podman_image = "sha256:…"                 # pinned by digest, never pulled
+podman_archive = "anvil://images/busybox.oci.tar?sha256=…"  # optional: `podman load`ed
+command = ["wc", "-w"]                    # from this object when the image is missing
 ```
 
 With no `capabilities` table, a peer offers the example guest modules shipped
@@ -30,6 +31,7 @@ from typing import Any
 from daemon import resources as resources_mod
 from daemon.exceptions import ConfigError, InvalidArgument
 from daemon.registry.models import validate_capability
+from daemon.storage.refs import parse_ref
 
 EXAMPLE_MODULES: dict[str, str] = {
     "text:wordcount": "text-wordcount.wasm",
@@ -43,6 +45,7 @@ _KEYS = frozenset(
         "wasm",
         "sha256",
         "podman_image",
+        "podman_archive",
         "command",
         "max_concurrency",
         "resources",
@@ -73,6 +76,7 @@ class LocalCapability:
     module: str = ""  # wasm: path or object ref
     module_sha256: str = ""
     image: str = ""  # podman: image pinned by digest
+    image_archive: str = ""  # podman: object ref of an image archive to load if missing
     command: tuple[str, ...] = ()
     max_concurrency: int = 1
     resources: Mapping[str, str] = field(default_factory=dict)
@@ -129,6 +133,14 @@ def parse_capability(name: str, table: Mapping[str, Any]) -> LocalCapability:
         res = resources_mod.validate(table.get("resources", {}), field="resources")
     except InvalidArgument as exc:
         raise ConfigError(f"capabilities.{name!r}.{exc}") from exc
+    archive = table.get("podman_archive", "")
+    if archive:
+        if not has_podman:
+            raise ConfigError(f"capabilities.{name!r}.podman_archive: needs podman_image")
+        try:
+            parse_ref(str(archive))
+        except InvalidArgument as exc:
+            raise ConfigError(f"capabilities.{name!r}.podman_archive: {exc}") from exc
     command = table.get("command", [])
     if not isinstance(command, list) or not all(isinstance(c, str) for c in command):
         raise ConfigError(f"capabilities.{name!r}.command: expected a list of strings")
@@ -145,6 +157,7 @@ def parse_capability(name: str, table: Mapping[str, Any]) -> LocalCapability:
         module=str(table.get("wasm", "")),
         module_sha256=str(table.get("sha256", "")),
         image=str(table.get("podman_image", "")),
+        image_archive=str(archive),
         command=tuple(command),
         max_concurrency=_int(name, "max_concurrency", table.get("max_concurrency", 2), minimum=1),
         resources=res,

@@ -70,7 +70,8 @@ def _token_fresh(path: Path, secret: bytes) -> bool:
     return claims.exp - time.time() > 24 * 3600
 
 
-ExecutorFactory = Callable[[Settings], Awaitable[Mapping[str, JobExecutor]]]
+# (settings, the fetcher of objects: modules, inputs, image archives) -> executors by kind
+ExecutorFactory = Callable[[Settings, Fetcher], Awaitable[Mapping[str, JobExecutor]]]
 
 
 class Node:
@@ -142,7 +143,7 @@ class Node:
         self._cleanup.append(fabric.close)
         fetcher = Fetcher(cache, local=store, anvil=fabric)
 
-        executors = await self._executor_factory(s)
+        executors = await self._executor_factory(s, fetcher)
         for executor in executors.values():
             self._cleanup.append(executor.close)
         capabilities = {c.name: c for c in s.capabilities}

@@ -23,6 +23,7 @@ from daemon.config import Settings
 from daemon.exceptions import AnvilError
 from daemon.execution import JobExecutor
 from daemon.node import Node
+from daemon.storage.fetcher import Fetcher
 from daemon.systemd import Notifier
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     parser.set_defaults(handler=run)
 
 
-async def build_executors(settings: Settings) -> Mapping[str, JobExecutor]:
+async def build_executors(settings: Settings, fetcher: Fetcher) -> Mapping[str, JobExecutor]:
     """The executors this peer can use, by capability kind."""
     from daemon.executors.job_executor import WasmJobExecutor
 
@@ -61,7 +62,7 @@ async def build_executors(settings: Settings) -> Mapping[str, JobExecutor]:
         from daemon.executors.podman_job import PodmanJobExecutor
 
         try:
-            executors["podman"] = await PodmanJobExecutor.create(settings)
+            executors["podman"] = await PodmanJobExecutor.create(settings, fetcher=fetcher)
         except BaseException:
             await wasm.close()
             raise

@@ -168,6 +168,10 @@ def socket_path(socket: str | Path) -> Path:
     return path
 
 
+class ImageNotPresent(FailedPrecondition):
+    """The pinned image is not in this peer's Podman (and is never pulled)."""
+
+
 def check_image_ref(ref: str) -> tuple[str | None, str]:
     """(name or None, digest hex) of an image pinned by digest. Raises InvalidArgument."""
     match = _DIGEST_REF.fullmatch(ref)
@@ -384,9 +388,10 @@ class PodmanExecutor:
         try:
             image = await asyncio.to_thread(self.client.images.get, ref)
         except (ImageNotFound, NotFound) as exc:
-            raise FailedPrecondition(
+            raise ImageNotPresent(
                 f"image {ref} is not present on this peer (images are never pulled): "
-                "load it with `podman load -i FILE`"
+                "load it with `podman load -i FILE`, or name its archive in the "
+                "capability's podman_archive"
             ) from exc
         except (DockerException, OSError) as exc:
             raise Unavailable(f"podman at {self.socket}: {_explain(exc)}") from exc
@@ -566,11 +571,16 @@ class PodmanExecutor:
                 status = head.split(b" ", 2)[1] if head.count(b" ") >= 1 else b""
                 if status not in (b"101", b"200"):
                     body = await reader.read(4096)
-                    raise Unavailable(
+                    message = (
                         f"podman refused to attach to {container_id}: "
                         f"{head.splitlines()[0].decode(errors='replace')} "
                         f"{body.decode(errors='replace').strip()}"
                     )
+                    # 4xx: this container cannot run here (e.g. an unresolvable CDI
+                    # device); trying again will not help. Else Podman is in trouble.
+                    if status.startswith(b"4"):
+                        raise FailedPrecondition(message)
+                    raise Unavailable(message)
         except (
             OSError,
             asyncio.IncompleteReadError,

@@ -2,24 +2,43 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
+from collections import defaultdict
 
+from daemon.capability_config import LocalCapability
 from daemon.config import Settings
-from daemon.exceptions import AnvilError
+from daemon.exceptions import AnvilError, Unavailable
 from daemon.execution import ExecutionOutcome, ExecutionRequest
 from daemon.executors.job_executor import outcome_of
-from daemon.executors.podman import DEFAULT_SOCKET, ContainerLimits, PodmanExecutor
+from daemon.executors.podman import (
+    DEFAULT_SOCKET,
+    ContainerLimits,
+    ImageNotPresent,
+    PodmanExecutor,
+)
+from daemon.executors.result import ExecutionResult
 from daemon.jobstate import JobState
+from daemon.storage.fetcher import Fetcher
+
+log = logging.getLogger(__name__)
 
 
 class PodmanJobExecutor:
     """Runs `podman` capabilities as hardened containers through the Podman service."""
 
-    def __init__(self, executor: PodmanExecutor) -> None:
+    def __init__(self, executor: PodmanExecutor, *, fetcher: Fetcher | None = None) -> None:
         self.executor = executor
+        self._fetcher = fetcher
+        # One `podman load` at a time per archive; jobs that found the image
+        # missing meanwhile wait for it and then find the image.
+        self._loading: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     @classmethod
-    async def create(cls, settings: Settings) -> PodmanJobExecutor:
+    async def create(
+        cls, settings: Settings, *, fetcher: Fetcher | None = None
+    ) -> PodmanJobExecutor:
         """Connect to `settings.podman_socket` (default the rootful systemd socket).
 
         Raises Unavailable when Podman does not answer: a peer that offers
@@ -31,7 +50,7 @@ class PodmanJobExecutor:
             scratch_dir=settings.data_dir / "podman-scratch",
         )
         await executor.start()
-        return cls(executor)
+        return cls(executor, fetcher=fetcher)
 
     async def close(self) -> None:
         await self.executor.close()
@@ -47,19 +66,61 @@ class PodmanJobExecutor:
                 cpu_millis=cap.limits.cpu_millis,
                 pids=cap.limits.pids,
             )
-            result = await self.executor.run(
-                cap.image,
-                command=cap.command,
-                output_dir=request.output_dir,
-                inputs=request.inputs,
-                params=request.params,
-                limits=limits,
-                gpu="gpu" in cap.resources,
-                job_id=request.job_id,
-            )
+            try:
+                result = await self._run(request, limits)
+            except ImageNotPresent:
+                if not cap.image_archive:
+                    raise
+                await self._load(cap)
+                result = await self._run(request, limits)
+        except Unavailable:
+            raise  # transient (Podman or storage unreachable): the runner hands the job back
         except AnvilError as exc:
             return ExecutionOutcome(state=JobState.FAILED, error=str(exc))
         return outcome_of(result)
+
+    async def _run(self, request: ExecutionRequest, limits: ContainerLimits) -> ExecutionResult:
+        cap = request.capability
+        return await self.executor.run(
+            cap.image,
+            command=cap.command,
+            output_dir=request.output_dir,
+            inputs=request.inputs,
+            params=request.params,
+            limits=limits,
+            gpu="gpu" in cap.resources,
+            job_id=request.job_id,
+        )
+
+    async def _load(self, cap: LocalCapability) -> None:
+        """`podman load` the capability's image archive, fetched like any object."""
+        if self._fetcher is None:
+            raise ImageNotPresent(
+                f"image {cap.image} is missing and no fetcher can get its archive"
+            )
+        async with self._loading[cap.image_archive]:
+            try:
+                await self.executor.resolve_image(cap.image)
+                return  # another job loaded it while this one waited
+            except ImageNotPresent:
+                pass
+            log.info("loading image %s from %s", cap.image, cap.image_archive)
+            try:
+                async with self._fetcher.open(cap.image_archive) as archive:
+                    await self.executor.load_image(archive.path)
+            except Unavailable:
+                raise
+            except AnvilError as exc:
+                raise ImageNotPresent(
+                    f"image {cap.image} is missing and its archive {cap.image_archive} "
+                    f"cannot be loaded: {exc}"
+                ) from exc
+            try:
+                await self.executor.resolve_image(cap.image)
+            except ImageNotPresent:
+                raise ImageNotPresent(
+                    f"archive {cap.image_archive} does not hold image {cap.image}"
+                ) from None
 
 
 def job_limits(

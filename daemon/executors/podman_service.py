@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,8 +26,17 @@ class PodmanService:
     environment, else Podman's own files).
     """
 
-    def __init__(self, directory: Path, *, containers_conf: Path | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        containers_conf: Path | None = None,
+        private_storage: bool = False,
+    ) -> None:
         self.directory = directory
+        # Images and containers in `directory` instead of the host's storage.
+        self.private_storage = private_storage
+        self._runroot: Path | None = None
         self.socket = directory / "podman.sock"
         self.log_path = directory / "podman-service.log"
         self.containers_conf = containers_conf
@@ -47,7 +57,14 @@ class PodmanService:
             env["CONTAINERS_CONF"] = str(self.containers_conf)
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(
-                [binary, "system", "service", "--time=0", f"unix://{self.socket}"],
+                [
+                    binary,
+                    *self._storage_flags(),
+                    "system",
+                    "service",
+                    "--time=0",
+                    f"unix://{self.socket}",
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -78,6 +95,19 @@ class PodmanService:
         except FileNotFoundError:
             return ""
 
+    def _storage_flags(self) -> list[str]:
+        if not self.private_storage:
+            return []
+        if self._runroot is None:
+            # Podman refuses a runroot path of 50 characters or more.
+            self._runroot = Path(tempfile.mkdtemp(prefix="anvil-podrun-"))
+        # vfs: plain folders, no overlay mount left behind to stop its removal.
+        return [
+            f"--root={self.directory / 'storage'}",
+            f"--runroot={self._runroot}",
+            "--storage-driver=vfs",
+        ]
+
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the service (containers it started are not its children and keep running)."""
         process, self._process = self._process, None
@@ -91,6 +121,9 @@ class PodmanService:
                 process.kill()
                 process.wait()
         self.socket.unlink(missing_ok=True)
+        if self._runroot is not None:
+            shutil.rmtree(self._runroot, ignore_errors=True)
+            self._runroot = None
 
     def __enter__(self) -> PodmanService:
         self.start()

@@ -278,6 +278,9 @@ async def test_a_job_handed_back_by_a_drain_keeps_its_only_attempt(
             (await client.submit("test:nap", locality_key=k, max_attempts=1)).job_id
             for k in keys[:2]
         ]
+        placed = [(await client.status(i)).peer_id for i in ids]
+        decisions = staying.metric("anvil_compute_placements_total", decision="rank0")
+        assert placed == [leaving.peer_id] * 2, (placed, leaving.peer_id, decisions)
         deadline = time.monotonic() + 30
         while {state(await client.status(i)) for i in ids} != {JobState.RUNNING}:
             assert time.monotonic() < deadline, "the jobs never started"
@@ -286,4 +289,6 @@ async def test_a_job_handed_back_by_a_drain_keeps_its_only_attempt(
     finals = await wait_all(staying, ids, 60)
     assert [state(f) for f in finals] == [JobState.SUCCEEDED] * 2, [f.error for f in finals]
     assert {f.peer_id for f in finals} == {staying.peer_id}
-    assert all(f.attempt == 2 and f.max_attempts == 1 for f in finals)
+    # Handed back at least once, and run to success although one attempt was allowed.
+    seen = [(f.attempt, f.max_attempts, f.error) for f in finals]
+    assert all(f.attempt >= 2 and f.max_attempts == 1 for f in finals), seen

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import importlib.util
 import re
 import socket
@@ -27,7 +28,7 @@ from podman.domain.containers_create import CreateMixin
 from daemon import config
 from daemon.capability_config import parse_capability
 from daemon.convert import PROTO_TO_JOB_STATE
-from daemon.exceptions import FailedPrecondition, InvalidArgument
+from daemon.exceptions import ConfigError, FailedPrecondition, InvalidArgument
 from daemon.execution import ExecutionRequest
 from daemon.executors.podman import (
     LABEL_JOB,
@@ -45,6 +46,9 @@ from daemon.executors.podman_service import PodmanService
 from daemon.executors.result import Outcome
 from daemon.jobstate import JobState
 from daemon.resources import satisfies
+from daemon.storage.cache import DiskCache
+from daemon.storage.fetcher import Fetcher
+from daemon.storage.local_store import LocalStore
 from tests.e2e.cluster import PeerFactory
 
 pytestmark = pytest.mark.podman
@@ -76,8 +80,8 @@ def podman_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-async def busybox_image(podman_socket: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The example image: built by the script, loaded through the API. Its id, `sha256:…`."""
+async def busybox_archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The example image as an OCI archive, built by the script; (archive, `sha256:<id>`)."""
     archive = tmp_path_factory.mktemp("image") / "busybox.oci.tar"
     built = await asyncio.to_thread(
         subprocess.run,
@@ -88,6 +92,13 @@ async def busybox_image(podman_socket: Path, tmp_path_factory: pytest.TempPathFa
     )
     image_id = built.stdout.strip()
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", image_id), built.stdout
+    return archive, image_id
+
+
+@pytest.fixture(scope="session")
+async def busybox_image(podman_socket: Path, busybox_archive: tuple[Path, str]) -> str:
+    """The example image, loaded through the API. Its id, `sha256:…`."""
+    archive, image_id = busybox_archive
     async with PodmanExecutor(podman_socket, owner=OWNER) as ex:
         assert await ex.load_image(archive) == (image_id.removeprefix("sha256:"),)
     return image_id
@@ -659,3 +670,116 @@ pids = 32
     assert PROTO_TO_JOB_STATE[final.state] is JobState.SUCCEEDED, (final.error, peer.log()[-3000:])
     assert final.output == b"9\n"
     assert final.peer_id == peer.peer_id
+
+
+@pytest.fixture
+def empty_podman(tmp_path: Path) -> Iterator[Path]:
+    """A private Podman service of its own: no image loaded in it."""
+    service = PodmanService(
+        tmp_path / "podman",
+        containers_conf=CONTAINERS_DIR / "containers.conf",
+        private_storage=True,
+    )
+    try:
+        yield service.start()
+    finally:
+        service.stop()
+
+
+async def test_a_missing_image_is_loaded_from_its_archive_object(
+    empty_podman: Path, busybox_archive: tuple[Path, str], tmp_path: Path, text_file: Path
+) -> None:
+    archive, image_id = busybox_archive
+    store = LocalStore(tmp_path / "store")
+    info = store.put_file(archive, bucket="images", key="busybox.oci.tar")
+    fetcher = Fetcher(DiskCache(tmp_path / "cache", max_bytes=1 << 30), local=store)
+    good = parse_capability(
+        "demo:busybox-wc",
+        {
+            "podman_image": image_id,
+            "podman_archive": f"anvil://images/busybox.oci.tar?sha256={info.sha256}",
+            "command": ["wc", "-w"],
+        },
+    )
+    wrong = parse_capability(
+        "demo:other",
+        {
+            "podman_image": "sha256:" + "0" * 64,
+            "podman_archive": f"anvil://images/busybox.oci.tar?sha256={info.sha256}",
+        },
+    )
+    settings = config.load(
+        environ={},
+        overrides={"data_dir": tmp_path / "data", "podman_socket": str(empty_podman)},
+    )
+    job = await PodmanJobExecutor.create(settings, fetcher=fetcher)
+
+    def request(cap: Any, name: str) -> ExecutionRequest:
+        return ExecutionRequest(
+            job_id=name,
+            capability=cap,
+            module_path=None,
+            inputs=(text_file,),
+            params={},
+            output_dir=tmp_path / name,
+            timeout_s=30,
+        )
+
+    try:
+        with pytest.raises(FailedPrecondition, match="not present"):
+            await job.executor.resolve_image(image_id)
+        # Three jobs at once find the image missing: it is loaded once, all run.
+        outcomes = await asyncio.gather(*(job.execute(request(good, f"j{i}")) for i in range(3)))
+        assert [(o.state, o.stdout) for o in outcomes] == [(JobState.SUCCEEDED, b"9\n")] * 3
+        assert await job.executor.resolve_image(image_id) == image_id.removeprefix("sha256:")
+        refused = await job.execute(request(wrong, "j-wrong"))
+    finally:
+        await job.close()
+    assert refused.state is JobState.FAILED
+    assert "does not hold image" in refused.error
+
+
+def test_an_image_archive_needs_a_pinned_image_and_a_valid_ref() -> None:
+    with pytest.raises(ConfigError, match="needs podman_image"):
+        parse_capability("x:y", {"wasm": "m.wasm", "podman_archive": "anvil://b/k"})
+    with pytest.raises(ConfigError, match="podman_archive"):
+        parse_capability("x:y", {"podman_image": "sha256:" + "a" * 64, "podman_archive": "ftp://x"})
+
+
+@pytest.mark.timeout(180)
+async def test_daemon_loads_its_image_from_an_uploaded_archive(
+    empty_podman: Path,
+    busybox_archive: tuple[Path, str],
+    tmp_path: Path,
+    database_url: str,
+    text_file: Path,
+) -> None:
+    """A fresh host: the image is not there; the capability names its archive object."""
+    archive, image_id = busybox_archive
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    # The ref `upload` will give it: content-addressed, known before the peer starts.
+    archive_ref = f"anvil://inputs/{digest}/{archive.name}?sha256={digest}"
+    secret = tmp_path / "auth.secret"
+    secret.write_text("podman-load-secret-" + "x" * 40 + "\n")
+    secret.chmod(0o600)
+    peers = PeerFactory(tmp_path / "peers", database_url, secret)
+    config = f"""
+[capabilities."demo:busybox-wc"]
+podman_image = "{image_id}"
+podman_archive = "{archive_ref}"
+command = ["wc", "-w"]
+"""
+    try:
+        peer = await asyncio.to_thread(
+            peers.start, config=config, ANVIL_PODMAN_SOCKET=str(empty_podman)
+        )
+        async with peer.client() as client:
+            assert await client.upload(archive) == archive_ref
+            ref = await client.upload(text_file)
+            submitted = await client.submit("demo:busybox-wc", inputs=[ref])
+            final = await asyncio.wait_for(client.wait(submitted.job_id), 120)
+    finally:
+        await asyncio.to_thread(peers.stop_all)
+    assert PROTO_TO_JOB_STATE[final.state] is JobState.SUCCEEDED, (final.error, peer.log()[-3000:])
+    assert final.output == b"9\n"
+    assert "loading image" in peer.log()
