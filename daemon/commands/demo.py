@@ -4,12 +4,19 @@ Starts a node in this process (embedded PostgreSQL and the built-in store in a
 temporary data directory unless --data-dir is given), stores sample inputs and
 the digits model as objects, submits one job per example capability through
 the gRPC API, prints what came back, and stops.
+
+Where Podman is installed, the node also offers the example container
+capability `demo:busybox-wc`: its image is built here, stored as an object,
+and `podman load`ed by the node from that object on first use, through a
+private Podman service with its own storage. Without Podman it is skipped.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import hashlib
 import json
 import shutil
 import tempfile
@@ -19,13 +26,21 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from daemon import config, logs
+from daemon.capability_config import LocalCapability, parse_capability
 from daemon.client import ComputeClient
 from daemon.commands.jobs import state_name
 from daemon.commands.serve import build_executors
+from daemon.exceptions import Unavailable
+from daemon.executors import example_image
+from daemon.executors.podman_service import PodmanService
 from daemon.node import Node
 from daemon.pb.anvil import compute_pb2
+
+DEMO_BUCKET = "demo"
+CONTAINER_CAPABILITY = "demo:busybox-wc"
 
 TEXT = """\
 Anvil turns a storage cluster into a compute fabric.
@@ -87,6 +102,27 @@ async def _demo(settings: config.Settings) -> int:
     where = "embedded PostgreSQL" if settings.embedded_database else "PostgreSQL"
     print(f"anvil-compute demo: one peer on {where}, data in {settings.data_dir}")
     started = time.monotonic()
+    container = await asyncio.to_thread(_container_setup, settings.data_dir)
+    if isinstance(container, str):
+        print(f"{CONTAINER_CAPABILITY}: skipped ({container})")
+    else:
+        settings = dataclasses.replace(
+            settings,
+            capabilities=(*settings.capabilities, container.capability),
+            podman_socket=str(container.service.socket),
+        )
+    try:
+        return await _run_examples(
+            settings, started, None if isinstance(container, str) else container
+        )
+    finally:
+        if not isinstance(container, str):
+            await asyncio.to_thread(container.service.stop)
+
+
+async def _run_examples(
+    settings: config.Settings, started: float, container: _Container | None
+) -> int:
     node = Node(settings, executor_factory=build_executors)
     await node.start()
     print(f"peer {node.peer_id} serving on {node.address} ({time.monotonic() - started:.1f} s)\n")
@@ -94,7 +130,10 @@ async def _demo(settings: config.Settings) -> int:
     try:
         token = settings.token_path.read_text().strip() if settings.auth else None
         async with ComputeClient(node.address, token=token) as client:
-            for example in await _examples(client, settings.data_dir / "demo-inputs"):
+            examples = await _examples(client, settings.data_dir / "demo-inputs")
+            if container is not None:
+                examples.append(await _container_example(client, container, examples[0]))
+            for example in examples:
                 t0 = time.monotonic()
                 submitted = await client.submit(
                     example.capability, inputs=example.inputs, params=example.params
@@ -130,7 +169,7 @@ def _write_inputs(folder: Path) -> tuple[list[Path], list[str]]:
 
 async def _examples(client: ComputeClient, folder: Path) -> list[Example]:
     paths, labels = await asyncio.to_thread(_write_inputs, folder)
-    refs = {path.name: await client.upload(path, bucket="demo") for path in paths}
+    refs = {path.name: await client.upload(path, bucket=DEMO_BUCKET) for path in paths}
 
     def digits(status: compute_pb2.GetJobStatusResponse) -> str:
         predicted = [str(p) for p in json.loads(status.output)["predictions"]]
@@ -153,6 +192,54 @@ async def _examples(client: ComputeClient, folder: Path) -> list[Example]:
         ),
         Example("inference:digits", (refs["digits.csv"], refs["digits-logreg.bin"]), {}, digits),
     ]
+
+
+@dataclass(frozen=True)
+class _Container:
+    service: PodmanService
+    archive: Path
+    capability: LocalCapability
+
+
+def _container_setup(data_dir: Path) -> _Container | str:
+    """Build the example image and start a private Podman service; or why not."""
+    if shutil.which("podman") is None:
+        return "podman is not installed; .ci/install-podman.sh installs it"
+    try:
+        archive_bytes, image_id = example_image.build()
+    except SystemExit as exc:  # the builder explains a missing busybox this way
+        return str(exc)
+    archive = data_dir / "demo-image" / "busybox.oci.tar"
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    archive.write_bytes(archive_bytes)
+    digest = hashlib.sha256(archive_bytes).hexdigest()
+    # The ref `ComputeClient.upload` gives it (content-addressed), known in advance
+    # so the capability can name it before the node starts.
+    ref = f"anvil://{DEMO_BUCKET}/{quote(f'{digest}/{archive.name}')}?sha256={digest}"
+    capability = parse_capability(
+        CONTAINER_CAPABILITY,
+        {"podman_image": image_id, "podman_archive": ref, "command": ["wc", "-w"]},
+    )
+    service = PodmanService(data_dir / "podman", private_storage=True)
+    try:
+        service.start()
+    except Unavailable as exc:
+        return f"podman did not start: {str(exc).splitlines()[-1]}"
+    return _Container(service=service, archive=archive, capability=capability)
+
+
+async def _container_example(
+    client: ComputeClient, container: _Container, wordcount: Example
+) -> Example:
+    ref = await client.upload(container.archive, bucket=DEMO_BUCKET)
+    if ref != container.capability.image_archive:
+        raise RuntimeError(f"the image archive was stored as {ref}, not where expected")
+    return Example(
+        CONTAINER_CAPABILITY,
+        wordcount.inputs,
+        {},
+        lambda s: f"{s.output.decode().strip()} words, by busybox wc in a container",
+    )
 
 
 def _first_line(status: compute_pb2.GetJobStatusResponse) -> str:

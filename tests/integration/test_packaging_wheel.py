@@ -124,3 +124,13 @@ def test_the_wheel_installs_into_a_fresh_venv_and_runs_the_demo(tmp_path: Path) 
 
     demo = run([str(bin_dir / "anvil-compute"), "demo"], timeout=240, env=env, cwd=tmp_path)
     assert "all example capabilities succeeded" in demo.stdout, demo.stdout + demo.stderr
+    lines = {line.split()[0]: line for line in demo.stdout.splitlines() if line.strip()}
+    for capability in ("text:wordcount", "data:csv-aggregate", "image:resize"):
+        assert "SUCCEEDED" in lines[capability], demo.stdout
+    assert "10/10" in lines["inference:digits"], demo.stdout
+    # The container example too, wherever Podman is installed (CI installs it).
+    if shutil.which("podman"):
+        assert "SUCCEEDED" in lines["demo:busybox-wc"], demo.stdout + demo.stderr
+        assert "33 words" in lines["demo:busybox-wc"], demo.stdout
+    else:
+        assert "demo:busybox-wc: skipped" in demo.stdout, demo.stdout
