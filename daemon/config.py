@@ -47,6 +47,21 @@ def _str(value: Any) -> str:
     return value
 
 
+def _cdi_devices(value: Any) -> tuple[str, ...]:
+    """CDI device names: a TOML list, or one comma-separated string (from ANVIL_*)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+        raise ValueError("expected a list of CDI device names")
+    names = tuple(i.strip() for i in items if i.strip())
+    for name in names:
+        vendor, _, rest = name.partition("/")
+        if not vendor or "=" not in rest or rest.startswith("=") or rest.endswith("="):
+            raise ValueError(f"{name!r} is not a CDI device name like 'nvidia.com/gpu=all'")
+    if not names:
+        raise ValueError("expected at least one CDI device name")
+    return names
+
+
 def _listen(value: Any) -> str:
     text = _str(value)
     host, sep, port = text.rpartition(":")
@@ -144,6 +159,7 @@ class Settings:
     wasm_workers: int
     max_running_jobs: int
     podman_socket: str | None
+    gpu_devices: tuple[str, ...]
     capabilities: tuple[LocalCapability, ...]
     metrics_listen: str | None
     log_level: str
@@ -229,6 +245,11 @@ FIELDS: dict[str, tuple[Callable[[Any], Any], Callable[[], Any], str]] = {
         _optional_str,
         lambda: None,
         "Podman API socket for container capabilities (default /run/podman/podman.sock)",
+    ),
+    "gpu_devices": (
+        _cdi_devices,
+        lambda: ("nvidia.com/gpu=all",),
+        "CDI devices a container of a capability with a `gpu` resource gets",
     ),
     "capabilities": (
         parse_capabilities,

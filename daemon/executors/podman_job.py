@@ -48,6 +48,7 @@ class PodmanJobExecutor:
             settings.podman_socket or DEFAULT_SOCKET,
             owner=owner_label(settings),
             scratch_dir=settings.data_dir / "podman-scratch",
+            gpu_devices=settings.gpu_devices,
         )
         await executor.start()
         return cls(executor, fetcher=fetcher)

@@ -118,11 +118,17 @@ def text_file(tmp_path: Path) -> Path:
     return path
 
 
-async def job_executor(podman_socket: Path, tmp_path: Path) -> PodmanJobExecutor:
+async def job_executor(
+    podman_socket: Path, tmp_path: Path, **overrides: object
+) -> PodmanJobExecutor:
     """The job runner's executor, built from settings as `serve` builds it."""
     settings = config.load(
         environ={},
-        overrides={"data_dir": tmp_path / "data", "podman_socket": str(podman_socket)},
+        overrides={
+            "data_dir": tmp_path / "data",
+            "podman_socket": str(podman_socket),
+            **overrides,
+        },
     )
     return await PodmanJobExecutor.create(settings)
 
@@ -616,6 +622,11 @@ async def test_gpu_capability_gets_the_cdi_devices(
     )
     (payload,) = sent
     assert payload["devices"] == [{"path": "nvidia.com/gpu=all"}]
+    chosen = await job_executor(
+        podman_socket, tmp_path, gpu_devices=["nvidia.com/gpu=0", "nvidia.com/gpu=1"]
+    )
+    await chosen.close()
+    assert chosen.executor.gpu_devices == ("nvidia.com/gpu=0", "nvidia.com/gpu=1")
     assert payload["netns"] == {"nsmode": "none"} and payload["read_only_filesystem"] is True
     # No GPU and no CDI spec on this host: Podman itself refuses the device, at start.
     assert outcome.state is JobState.FAILED

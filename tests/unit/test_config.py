@@ -60,3 +60,12 @@ def test_inline_output_cannot_exceed_what_the_registry_keeps() -> None:
 def test_job_retention_defaults_to_a_week_and_zero_keeps_jobs() -> None:
     assert config.load(environ={}).job_retention_s == 7 * 24 * 3600
     assert config.load(environ={"ANVIL_JOB_RETENTION_S": "0"}).job_retention_s == 0
+
+
+def test_gpu_devices_from_toml_lists_or_comma_separated_env() -> None:
+    assert config.load(environ={}).gpu_devices == ("nvidia.com/gpu=all",)
+    two = config.load(environ={"ANVIL_GPU_DEVICES": "nvidia.com/gpu=0, nvidia.com/gpu=1"})
+    assert two.gpu_devices == ("nvidia.com/gpu=0", "nvidia.com/gpu=1")
+    for bad in ("", "gpu", "nvidia.com/gpu=", "nvidia.com/gpu"):
+        with pytest.raises(ConfigError, match="bad value for 'gpu_devices'"):
+            config.load(environ={"ANVIL_GPU_DEVICES": bad})
