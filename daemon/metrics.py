@@ -115,6 +115,11 @@ MEMBERSHIP_PEERS = Gauge(
     ["kind"],
     registry=REGISTRY,
 )
+OBJECTS_REBALANCED = Counter(
+    f"{PREFIX}_objects_rebalanced",
+    "Objects this peer copied to their new HRW owner after a membership change",
+    registry=REGISTRY,
+)
 JOBS_PRUNED = Counter(
     f"{PREFIX}_jobs_pruned",
     "Finished jobs this peer deleted from the registry after their retention",

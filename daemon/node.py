@@ -41,6 +41,7 @@ from daemon.storage.fabric import FORWARDED_HEADER, Fabric, Owner
 from daemon.storage.fabric_service import FabricObjectService
 from daemon.storage.fetcher import Fetcher
 from daemon.storage.local_store import LocalStore
+from daemon.storage.rebalance import Rebalancer
 from daemon.watch import JobEventHub
 
 log = logging.getLogger(__name__)
@@ -208,9 +209,18 @@ class Node:
             interval_s=max(s.lease_s / 4, 0.2),
             retention=timedelta(seconds=s.job_retention_s) if s.job_retention_s else None,
         )
+        rebalancer = Rebalancer(
+            fabric=fabric,
+            store=store,
+            members=lambda: frozenset(
+                str(c.peer_id) for c in view.store_peers(s.region).candidates
+            ),
+        )
         self._tasks = [
             asyncio.create_task(self._heartbeat_loop(), name="peer-heartbeat"),
             asyncio.create_task(rescuer.run(), name="rescuer"),
+            asyncio.create_task(rescuer.prune_loop(), name="job-pruner"),
+            asyncio.create_task(rebalancer.run(), name="object-rebalancer"),
             asyncio.create_task(self._queue_notifications(listener), name="queue-notify"),
         ]
         await server.set_serving(True)

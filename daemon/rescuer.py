@@ -51,13 +51,24 @@ class Rescuer:
             await asyncio.sleep(self._interval_s)
             try:
                 await self.sweep()
-                if self._retention is not None and time.monotonic() >= self._next_prune:
-                    self._next_prune = time.monotonic() + self._prune_every_s
-                    await self.prune()
             except AnvilError as exc:
                 log.warning("rescue sweep failed: %s", exc)
             except Exception:
                 log.exception("rescue sweep failed unexpectedly")
+
+    async def prune_loop(self) -> None:
+        """Prune on its own clock: a backlog of deletes never delays a rescue."""
+        if self._retention is None:
+            return
+        while True:
+            await asyncio.sleep(max(0.0, self._next_prune - time.monotonic()))
+            self._next_prune = time.monotonic() + self._prune_every_s
+            try:
+                await self.prune()
+            except AnvilError as exc:
+                log.warning("pruning finished jobs failed: %s", exc)
+            except Exception:
+                log.exception("pruning finished jobs failed unexpectedly")
 
     async def prune(self) -> int:
         """Delete finished jobs older than the retention; return how many went."""

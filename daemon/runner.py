@@ -92,6 +92,15 @@ def _fetched_module(cap: LocalCapability) -> bool:
     return "://" in cap.module or cap.module.startswith("sha256:")
 
 
+def _output_name(path: Path, output_dir: Path) -> str:
+    """The output's name in /output ('/'-separated): nested outputs keep their folders,
+    so `a/x` and `b/x` are two objects."""
+    for root in (output_dir, output_dir.resolve()):
+        if path.is_relative_to(root):
+            return path.relative_to(root).as_posix()
+    return path.name
+
+
 def _write_new(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
@@ -212,11 +221,12 @@ class Runner:
                 )
                 if free <= 0:
                     break
+                epoch = self._hub.epoch
                 jobs = await self._registry.jobs.claim_next(
                     self._peer_id, lease=self._options.lease, limit=free, capabilities=[name]
                 )
                 for job in jobs:
-                    self._hub.publish(job)
+                    self._hub.publish(job, epoch=epoch)
                     self._start(job, cap)
                 if len(jobs) < free:
                     break
@@ -392,7 +402,7 @@ class Runner:
                 error=f"the {cap.kind} executor on this peer did not finish the job within "
                 f"{timeout_s + EXECUTOR_GRACE_S:g} s (job timeout {timeout_s:g} s)",
             )
-        return await self._persist(job, result, workdir, bytes_fetched_remote=remote[0])
+        return await self._persist(job, result, workdir, output_dir, bytes_fetched_remote=remote[0])
 
     async def _module(self, cap: LocalCapability, workdir: Path) -> Path:
         if _fetched_module(cap):
@@ -407,7 +417,13 @@ class Runner:
         return Path(cap.module)
 
     async def _persist(
-        self, job: Job, result: ExecutionOutcome, workdir: Path, *, bytes_fetched_remote: int
+        self,
+        job: Job,
+        result: ExecutionOutcome,
+        workdir: Path,
+        output_dir: Path,
+        *,
+        bytes_fetched_remote: int,
     ) -> Outcome:
         """Store large stdout and /output files as objects; small stdout stays inline.
 
@@ -416,7 +432,10 @@ class Runner:
         refs: list[str] = []
         prefix = f"{job.job_id}/{job.attempt}"
         output: bytes | None = result.stdout
-        files = [(path, f"{prefix}/output/{path.name}") for path in result.output_files]
+        files = [
+            (path, f"{prefix}/output/{_output_name(path, output_dir)}")
+            for path in result.output_files
+        ]
         if len(result.stdout) > self._options.max_inline_output:
             spilled = workdir / "stdout"
             await asyncio.to_thread(_write_new, spilled, result.stdout)
@@ -444,10 +463,11 @@ class Runner:
         delay = 0.1
         while True:
             try:
+                epoch = self._hub.epoch
                 finished = await self._registry.jobs.finish(
                     job.job_id, peer_id=self._peer_id, attempt=job.attempt, outcome=outcome
                 )
-                self._hub.publish(finished)
+                self._hub.publish(finished, epoch=epoch)
                 return
             except RegistryUnavailable as exc:
                 # Keep trying while the lease may still be ours; the lease loop

@@ -1,4 +1,6 @@
 -- anvil-compute registry, version 3: retention and per-submitter idempotency keys.
+-- Upgrade with every peer stopped: a peer still running version 2 code names
+-- the old index in its ON CONFLICT clause, and its idempotent submits fail.
 
 -- Finished jobs are kept `job_retention_s`, then pruned with their events
 -- (ON DELETE CASCADE): this finds the oldest of them without a scan.

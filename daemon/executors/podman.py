@@ -79,6 +79,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import podman
+import requests
 from podman.errors import APIError, DockerException, ImageNotFound, NotFound
 
 from daemon.exceptions import FailedPrecondition, InvalidArgument, Unavailable
@@ -422,7 +423,9 @@ class PodmanExecutor:
             names = await asyncio.to_thread(load)
         except FileNotFoundError as exc:
             raise InvalidArgument(f"image archive {archive} does not exist") from exc
-        except (APIError, DockerException) as exc:
+        except (APIError, DockerException, requests.HTTPError) as exc:
+            # HTTPError is an OSError too, but a refused archive is no outage:
+            # loading it again elsewhere would fail the same way.
             raise InvalidArgument(f"podman cannot load {archive}: {_explain(exc)}") from exc
         except OSError as exc:
             raise Unavailable(f"podman at {self.socket}: {_explain(exc)}") from exc

@@ -12,12 +12,14 @@ import asyncio
 import dataclasses
 import re
 import shutil
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from daemon.exceptions import InvalidArgument
+from daemon.executors import result as results
 from daemon.executors import staging
-from daemon.executors.guest_run import GuestRun
+from daemon.executors.guest_run import GuestRun, with_outputs
 from daemon.executors.limits import Limits
 from daemon.executors.result import ExecutionResult
 from daemon.executors.worker_pool import PoolSettings, WorkerPool
@@ -89,8 +91,9 @@ class WasmExecutor:
             raise InvalidArgument("program name contains a NUL byte")
         if digest is not None and not _SHA256_HEX.fullmatch(digest):
             raise InvalidArgument(f"module digest {digest!r} is not a sha256 hex string")
+        limits = limits or self.default_limits
         # No file work here: the worker stages, runs and collects (guest_run.py).
-        return await self.pool.run(
+        result = await self.pool.run(
             GuestRun(
                 digest=digest,
                 module_path=module,
@@ -98,9 +101,36 @@ class WasmExecutor:
                 env=staging.guest_env(pairs),
                 inputs=tuple(inputs),
                 output_dir=output_dir,
-                limits=limits or self.default_limits,
+                limits=limits,
             )
         )
+        if not result.outputs:
+            return result
+        # A worker runs guest code: what it says it left is checked here, on
+        # the daemon's side, before any of it is read and stored.
+        outputs = await asyncio.to_thread(_checked_outputs, result.outputs, output_dir)
+        return with_outputs(result, outputs, limits)
+
+
+def _checked_outputs(
+    reported: tuple[results.OutputFile, ...], output_dir: Path
+) -> tuple[results.OutputFile, ...]:
+    """The reported outputs, each a regular file inside `output_dir` (links are not
+    followed), with sizes measured here; anything else is refused."""
+    root = output_dir.resolve()
+    checked = []
+    for output in reported:
+        path = root / output.name
+        if path.parent.resolve() != path.parent or not path.is_relative_to(root):
+            raise InvalidArgument(f"the worker reported an output outside /output: {output.name!r}")
+        try:
+            info = path.lstat()
+        except OSError as exc:
+            raise InvalidArgument(f"output {output.name!r} is missing: {exc.strerror}") from exc
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidArgument(f"output {output.name!r} is not a regular file")
+        checked.append(results.OutputFile(name=output.name, path=path, size=info.st_size))
+    return tuple(checked)
 
 
 def _clear_scratch(scratch_dir: Path) -> None:

@@ -24,6 +24,7 @@ from daemon.exceptions import (
     InvalidArgument,
     JobAlreadyFinished,
     JobNotFound,
+    RegistryUnavailable,
     StaleAttempt,
 )
 from daemon.jobstate import FINISH_STATES, JobState
@@ -453,6 +454,11 @@ async def _each(
     for item in batch:
         try:
             (result,) = await run([item])
+        except RegistryUnavailable as exc:
+            # The database is gone, not the item: fail the rest now instead of
+            # letting each wait out the pool's timeout in turn.
+            results += [Failed(exc)] * (len(batch) - len(results))
+            break
         except AnvilError as exc:
             result = Failed(exc)
         results.append(result)

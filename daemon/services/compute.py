@@ -130,11 +130,12 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
         placement = candidates.place(
             key, self._view.loads, c=self._policy.balance, loads_version=self._view.loads_version
         )
+        epoch = self._hub.epoch
         result = await self._registry.jobs.submit(
             spec, job_id=job_id, peer_id=placement.peer_id, locality_key=key
         )
         job = result.job
-        self._hub.publish(job)
+        self._hub.publish(job, epoch=epoch)
         if not result.existing:
             self._view.note_placed(placement.peer_id)
             metrics.placement_made(

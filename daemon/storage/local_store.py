@@ -143,6 +143,20 @@ class LocalStore:
             raise ObjectNotFound(f"no object {bucket}/{key}{at}")
         return _info(row)
 
+    def latest(self, *, after_seq: int = 0, limit: int = 1000) -> list[tuple[int, ObjectInfo]]:
+        """(seq, info) of each key's latest version, by seq, for keys whose latest
+        version is past `after_seq`: page through the store with the last seq."""
+        with self._connect() as db:
+            # The (bucket, key, version_id) unique index answers NOT EXISTS per row.
+            rows = db.execute(
+                f"SELECT seq, {_COLUMNS} FROM objects AS o WHERE seq > ? AND NOT EXISTS"
+                " (SELECT 1 FROM objects AS n"
+                "  WHERE n.bucket = o.bucket AND n.key = o.key AND n.seq > o.seq)"
+                " ORDER BY seq LIMIT ?",
+                (after_seq, limit),
+            ).fetchall()
+        return [(row[0], _info(row[1:])) for row in rows]
+
     def open(
         self, bucket: str, key: str, version: str | None = None, *, chunk_size: int = CHUNK_SIZE
     ) -> BlobReader:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -292,3 +293,49 @@ async def test_a_job_handed_back_by_a_drain_keeps_its_only_attempt(
     # Handed back at least once, and run to success although one attempt was allowed.
     seen = [(f.attempt, f.max_attempts, f.error) for f in finals]
     assert all(f.attempt >= 2 and f.max_attempts == 1 for f in finals), seen
+
+
+def stored_keys(peer: Peer) -> set[str]:
+    """Keys in a peer's built-in store, read from its index (the peer keeps running)."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(peer.data_dir / "objects" / "index.sqlite3")) as db:
+        return {key for (key,) in db.execute("SELECT DISTINCT key FROM objects")}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_objects_follow_ownership_to_a_peer_that_joins(
+    peers: PeerFactory, tmp_path: Path
+) -> None:
+    config = fabric_config(tmp_path, max_concurrency=64)
+    cluster = await start_peers(peers, 2, config, ANVIL_BALANCE="1000000")
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    async with cluster[0].client() as client:
+        refs = []
+        for i in range(60):
+            path = inputs / f"doc{i}.txt"
+            path.write_text(f"document {i} " * 2000)
+            refs.append(await client.upload(path))
+    newcomer = await asyncio.to_thread(peers.start, config=config, ANVIL_BALANCE="1000000")
+    cluster.append(newcomer)
+    await asyncio.to_thread(peers.wait_converged, cluster)
+    ids = [uuid.UUID(p.peer_id) for p in cluster]
+    keys = {parse_ref(r).key: r for r in refs}
+    now_owned = {k for k in keys if hrw.rank(k, ids)[0] == ids[2]}
+    assert len(now_owned) >= 5, "too few keys moved to test anything"
+    deadline = time.monotonic() + 60
+    while not now_owned <= stored_keys(newcomer):
+        assert time.monotonic() < deadline, now_owned - stored_keys(newcomer)
+        await asyncio.sleep(0.2)
+    # Jobs on those inputs now run on the newcomer and read nothing across peers.
+    async with cluster[0].client() as client:
+        ids_ = [(await client.submit("text:wordcount", inputs=[keys[k]])).job_id for k in now_owned]
+    finals = await wait_all(cluster[0], ids_, 120)
+    assert all(state(f) is JobState.SUCCEEDED for f in finals)
+    assert {f.peer_id for f in finals} == {newcomer.peer_id}
+    assert [f.bytes_fetched_remote for f in finals] == [0] * len(finals)
+    assert sum(p.metric("anvil_compute_objects_rebalanced_total") for p in cluster[:2]) >= len(
+        now_owned
+    )

@@ -185,3 +185,21 @@ def test_two_store_handles_share_the_index(tmp_path: Path) -> None:
     assert two.head("b", "k") == info
     with contextlib.closing(sqlite3.connect(tmp_path / "d" / "objects" / "index.sqlite3")) as db:
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_latest_pages_through_each_keys_newest_version(store: LocalStore) -> None:
+    for i in range(5):
+        store.put_bytes(f"v1-{i}".encode(), bucket="b", key=f"k{i}")
+    store.put_bytes(b"v2-1", bucket="b", key="k1")  # k1's newest is now this one
+    store.put_bytes(b"other", bucket="c", key="k1")  # same key, other bucket
+    seen: list[tuple[str, str, str]] = []
+    after = 0
+    while page := store.latest(after_seq=after, limit=2):
+        assert len(page) <= 2
+        after = page[-1][0]
+        seen += [(info.bucket, info.key, info.sha256 or "") for _, info in page]
+    digest = {data: hashlib.sha256(data).hexdigest() for data in [b"v2-1", b"other"]}
+    assert len(seen) == 6
+    assert ("b", "k1", digest[b"v2-1"]) in seen
+    assert ("c", "k1", digest[b"other"]) in seen
+    assert {(b, k) for b, k, _ in seen} == {("b", f"k{i}") for i in range(5)} | {("c", "k1")}

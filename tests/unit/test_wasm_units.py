@@ -461,3 +461,33 @@ def test_workers_inherit_no_daemon_secrets() -> None:
         {"PATH": "/bin", "PYTHONPATH": "/src", "ANVIL_DATABASE_URL": "postgres://u:pw@h/db"}
     )
     assert env == {"PATH": "/bin", "PYTHONPATH": "/src"}
+
+
+def test_the_daemon_checks_what_a_worker_says_it_left(tmp_path: Path) -> None:
+    """Outputs come from a process that ran guest code: only regular files inside
+    the output folder pass, with sizes measured on the daemon's side."""
+    from daemon.executors.wasm import _checked_outputs
+
+    out = tmp_path / "job.out"
+    (out / "sub").mkdir(parents=True)
+    (out / "sub" / "r.txt").write_text("12345")
+    (tmp_path / "secret").write_text("s")
+    (out / "link").symlink_to(tmp_path / "secret")
+
+    def reported(name: str, size: int = 1) -> tuple[OutputFile, ...]:
+        return (OutputFile(name=name, path=Path("/anywhere") / name, size=size),)
+
+    (good,) = _checked_outputs(reported("sub/r.txt", size=0), out)
+    assert (good.name, good.size, good.path) == ("sub/r.txt", 5, out.resolve() / "sub" / "r.txt")
+    for bad in ("../secret", "/etc/passwd", "link", "missing.txt", "sub"):
+        with pytest.raises(exceptions.InvalidArgument):
+            _checked_outputs(reported(bad), out)
+
+
+def test_nested_outputs_keep_their_folders_in_object_keys(tmp_path: Path) -> None:
+    from daemon.runner import _output_name
+
+    out = tmp_path / "j.out"
+    assert _output_name(out / "a" / "x", out) == "a/x"
+    assert _output_name(out / "b" / "x", out) == "b/x"
+    assert _output_name(out.resolve() / "y", out) == "y"
