@@ -110,7 +110,13 @@ class Rescuer:
             if job is None:
                 continue  # it finished or was renewed since the snapshot
             moved += 1
-            log.info("rescued job %s (attempt %d) -> %s", job.job_id, lost.attempt, job.state)
+            log.info(
+                "rescued job %s (attempt %d) -> %s",
+                job.job_id,
+                lost.attempt,
+                job.state,
+                extra={"job_id": str(job.job_id), "attempt": lost.attempt},
+            )
             if target is not None and not job.state.terminal:
                 self._dispatch(target.peer_id, target.address, job.job_id)
         for job in await self._registry.jobs.list_unplaced():

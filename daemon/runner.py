@@ -87,6 +87,11 @@ def _clear_work_root(work_root: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+def _ids(job: Job) -> dict[str, object]:
+    """Structured fields of a log line about a job (JSON keys in the journal)."""
+    return {"job_id": str(job.job_id), "attempt": job.attempt}
+
+
 def _fetched_module(cap: LocalCapability) -> bool:
     """A module named by an object ref is fetched into the attempt's folder."""
     return "://" in cap.module or cap.module.startswith("sha256:")
@@ -263,7 +268,7 @@ class Runner:
     def _lose(self, running: _Running, why: str) -> None:
         if not running.lost:
             running.lost = why
-            log.info("stopping job %s: %s", running.job.job_id, why)
+            log.info("stopping job %s: %s", running.job.job_id, why, extra=_ids(running.job))
             running.task.cancel()
 
     # -- leases ----------------------------------------------------------------
@@ -330,12 +335,15 @@ class Runner:
                 job.job_id,
                 job.attempt,
                 running.lost if running else "shutdown",
+                extra=_ids(job),
             )
         except Unavailable as exc:
             # Storage or a peer was unreachable (fetching inputs, storing
             # outputs): nothing is wrong with the job, so it is handed back to be
             # placed again rather than failed.
-            log.warning("job %s attempt %d handed back: %s", job.job_id, job.attempt, exc)
+            log.warning(
+                "job %s attempt %d handed back: %s", job.job_id, job.attempt, exc, extra=_ids(job)
+            )
             if outcome is None:
                 metrics.JOBS_STOPPED.labels(cap.name).inc()
             with contextlib.suppress(AnvilError):
@@ -347,7 +355,9 @@ class Runner:
                     error=f"handed back: {exc}",
                 )
         except Exception:
-            log.exception("job %s attempt %d crashed the runner", job.job_id, job.attempt)
+            log.exception(
+                "job %s attempt %d crashed the runner", job.job_id, job.attempt, extra=_ids(job)
+            )
             if outcome is None:
                 metrics.job_finished(cap.name, JobState.FAILED, time.monotonic() - began)
             with contextlib.suppress(AnvilError):
@@ -472,9 +482,15 @@ class Runner:
             except RegistryUnavailable as exc:
                 # Keep trying while the lease may still be ours; the lease loop
                 # cancels this task once it is not.
-                log.warning("cannot record result of %s yet: %s", job.job_id, exc)
+                log.warning("cannot record result of %s yet: %s", job.job_id, exc, extra=_ids(job))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
             except FailedPrecondition as exc:
-                log.info("result of %s attempt %d refused: %s", job.job_id, job.attempt, exc)
+                log.info(
+                    "result of %s attempt %d refused: %s",
+                    job.job_id,
+                    job.attempt,
+                    exc,
+                    extra=_ids(job),
+                )
                 return

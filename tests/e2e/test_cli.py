@@ -116,3 +116,87 @@ async def test_a_nearly_spent_deadline_is_refused_before_writing(
             assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
     with psycopg.connect(database_url) as conn:
         assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
+
+
+def bare_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI with no --data-dir: only --token or $ANVIL_TOKEN can authenticate it."""
+    return subprocess.run(
+        [sys.executable, "-m", "daemon.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+
+
+async def test_the_token_comes_from_the_flag_then_the_environment(
+    peer: Peer, tmp_path: Path
+) -> None:
+    import os
+
+    base = {k: v for k, v in os.environ.items() if k != "ANVIL_TOKEN"}
+    base["HOME"] = str(tmp_path)  # no client.token to fall back on
+    where = ["capabilities", "--endpoint", peer.address]
+    none = await asyncio.to_thread(bare_cli, *where, env=base)
+    assert none.returncode != 0 and "UNAUTHENTICATED" in none.stderr, none.stderr
+    flag = await asyncio.to_thread(bare_cli, *where, "--token", peer.token, env=base)
+    assert flag.returncode == 0 and "text:wordcount" in flag.stdout, flag.stderr
+    env = await asyncio.to_thread(bare_cli, *where, env={**base, "ANVIL_TOKEN": peer.token})
+    assert env.returncode == 0 and "text:wordcount" in env.stdout, env.stderr
+    # The flag wins over the environment.
+    wrong = {**base, "ANVIL_TOKEN": "not-a-token"}
+    both = await asyncio.to_thread(bare_cli, *where, "--token", peer.token, env=wrong)
+    assert both.returncode == 0, both.stderr
+
+
+@pytest.mark.timeout(180)
+async def test_serve_with_no_arguments_runs_on_the_embedded_defaults(tmp_path: Path) -> None:
+    """`anvil-compute serve` alone: embedded PostgreSQL and the store under
+    ~/.local/share/anvil-compute, the examples offered, on 127.0.0.1:50051."""
+    import os
+    import signal
+    import socket
+
+    from tests.e2e.cluster import wait_serving
+
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", 50051)) != 0, "something already listens on 50051"
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("ANVIL_") and k != "XDG_DATA_HOME"
+    }
+    env["HOME"] = str(tmp_path)
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    env["ANVIL_CONFIG"] = str(empty)  # not the host's /etc file: no settings at all
+    env["ANVIL_METRICS_LISTEN"] = ""  # 9464 may be taken on a shared machine
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(  # noqa: ASYNC220 - starts it and returns at once
+            [sys.executable, "-m", "daemon.cli", "serve"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        await asyncio.to_thread(wait_serving, "127.0.0.1:50051", process, log_path)
+        data_dir = tmp_path / ".local" / "share" / "anvil-compute"
+        token = (data_dir / "client.token").read_text().strip()
+        assert (data_dir / "peer_id").is_file()
+        async with ComputeClient("127.0.0.1:50051", token=token) as client:
+            offered = {c.capability for c in await client.capabilities(live_only=True)}
+            assert offered == {
+                "text:wordcount",
+                "data:csv-aggregate",
+                "image:resize",
+                "inference:digits",
+            }
+            final = await client.wait((await client.submit("text:wordcount")).job_id)
+            assert final.error == "" and json.loads(final.output)["words"] == 0
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(process.wait, 60)
+    assert code == 0, log_path.read_text()[-3000:]
+    # The registry was the embedded PostgreSQL, and the store the built-in one.
+    assert (data_dir / "postgres" / "PG_VERSION").is_file()
+    assert (data_dir / "objects" / "index.sqlite3").is_file()

@@ -105,7 +105,8 @@ async def test_cancel_queued_never_runs_and_cancel_running_kills(
         assert state(await client.status(queued.job_id)) is JobState.QUEUED
         response = await client.cancel(queued.job_id, reason="not needed")
         assert PROTO_TO_JOB_STATE[response.state] is JobState.CANCELLED
-        await client.cancel(running.job_id)
+        stopped = await client.cancel(running.job_id)
+        assert PROTO_TO_JOB_STATE[stopped.state] is JobState.CANCELLED
         # The killed guest frees the slot: a new sleep job runs and finishes.
         after = await client.submit("test:sleep")
         assert state(await asyncio.wait_for(client.wait(after.job_id), 20)) is JobState.SUCCEEDED
@@ -122,6 +123,16 @@ async def test_cancel_queued_never_runs_and_cancel_running_kills(
         ).fetchall()
         assert [e[0] for e in events] == ["queued", "cancelled"]
     assert "slept" not in (await _output_of(peer, running.job_id))
+    async with peer.client() as client:
+        ended = await client.status(running.job_id)
+    assert state(ended) is JobState.CANCELLED
+    # The guest sleeps 1.5 s: a run that ended sooner was stopped, not awaited.
+    ran = ended.finished_at.ToDatetime() - ended.started_at.ToDatetime()
+    assert ran.total_seconds() < 1.5, ran
+    # The journal says so, as JSON lines an operator can filter by job id.
+    lines = [json.loads(line) for line in peer.log().splitlines() if line.startswith("{")]
+    about = [e for e in lines if e.get("job_id") == running.job_id]
+    assert any("stopped" in e["msg"] or "stopping" in e["msg"] for e in about), about
 
 
 async def _output_of(peer: Peer, job_id: str) -> str:
@@ -183,14 +194,23 @@ async def test_bad_requests_get_the_right_status(peer: Peer, peers: PeerFactory)
             await coro  # type: ignore[misc]
         return info.value.code()
 
+    async def refusal(coro: object) -> tuple[grpc.StatusCode, str]:
+        with pytest.raises(aio.AioRpcError) as info:
+            await coro  # type: ignore[misc]
+        return info.value.code(), info.value.details() or ""
+
     async with peer.client() as client:
         assert await code_of(client.submit("")) is grpc.StatusCode.INVALID_ARGUMENT
-        assert await code_of(client.submit("no:such-capability")) is (
-            grpc.StatusCode.FAILED_PRECONDITION
-        )
-        assert await code_of(client.submit("text:wordcount", region="mars")) is (
-            grpc.StatusCode.FAILED_PRECONDITION
-        )
+        # No peer can take it: the reason names what was asked for.
+        code, why = await refusal(client.submit("no:such-capability"))
+        assert code is grpc.StatusCode.FAILED_PRECONDITION
+        assert "'no:such-capability'" in why and "'local'" in why, why
+        code, why = await refusal(client.submit("text:wordcount", region="mars"))
+        assert code is grpc.StatusCode.FAILED_PRECONDITION
+        assert "'mars'" in why and "'text:wordcount'" in why, why
+        code, why = await refusal(client.submit("text:wordcount", resources={"gpu": "1"}))
+        assert code is grpc.StatusCode.FAILED_PRECONDITION
+        assert "gpu" in why, why
         assert await code_of(client.submit("text:wordcount", inputs=["ftp://x/y"])) is (
             grpc.StatusCode.INVALID_ARGUMENT
         )
@@ -219,6 +239,36 @@ async def test_bad_requests_get_the_right_status(peer: Peer, peers: PeerFactory)
         assert await code_of(client.submit("text:wordcount")) is (grpc.StatusCode.PERMISSION_DENIED)
         assert await code_of(client.cancel(missing)) is grpc.StatusCode.PERMISSION_DENIED
         assert await code_of(client.status(missing)) is grpc.StatusCode.NOT_FOUND
+    # compute:register, and nothing else, lets a caller register capabilities.
+    registration = compute_pb2.RegisterCapabilityRequest(
+        peer_id=peer.peer_id,
+        region="local",
+        capability="test:registered",
+        max_concurrency=1,
+        executor=compute_pb2.Executor(
+            wasm=compute_pb2.WasmExecutor(module_ref="sha256:" + "a" * 64)
+        ),
+    )
+    for scopes, expected in [
+        (
+            [auth.SCOPE_READ, auth.SCOPE_SUBMIT, auth.SCOPE_CANCEL],
+            grpc.StatusCode.PERMISSION_DENIED,
+        ),
+        ([auth.SCOPE_REGISTER], None),
+    ]:
+        token = auth.issue_token(secret, sub="reg", scopes=scopes, ttl_s=60)
+        async with ComputeClient(peer.address, token=token) as client:
+            call = client.stub.RegisterCapability(
+                registration, metadata=client.metadata, timeout=30
+            )
+            if expected is None:
+                registered = await call
+                assert registered.capability.capability == "test:registered"
+            else:
+                assert await code_of(call) is expected
+    async with peer.client() as client:
+        listed = await client.capabilities(capability="test:registered")
+    assert [c.peer_id for c in listed] == [peer.peer_id]
 
 
 async def test_finished_jobs_are_pruned_after_their_retention(

@@ -11,6 +11,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+import grpc
 import psycopg
 import pytest
 
@@ -339,3 +340,28 @@ async def test_objects_follow_ownership_to_a_peer_that_joins(
     assert sum(p.metric("anvil_compute_objects_rebalanced_total") for p in cluster[:2]) >= len(
         now_owned
     )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_a_job_runs_only_in_its_region(peers: PeerFactory, tmp_path: Path) -> None:
+    config = fabric_config(tmp_path, max_concurrency=16)
+    east = await asyncio.to_thread(peers.start, config=config, ANVIL_REGION="east")
+    west = await asyncio.to_thread(peers.start, config=config, ANVIL_REGION="west")
+    await asyncio.to_thread(peers.wait_converged, [east, west])
+    async with east.client() as client:  # one front door for both regions
+        by_region = {
+            region: [
+                (await client.submit("text:wordcount", region=region, locality_key=f"r{i}")).job_id
+                for i in range(20)
+            ]
+            for region in ("east", "west")
+        }
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await client.submit("text:wordcount", region="south")
+    assert info.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert "'south'" in (info.value.details() or "")
+    for region, peer in (("east", east), ("west", west)):
+        finals = await wait_all(east, by_region[region], 60)
+        assert {state(f) for f in finals} == {JobState.SUCCEEDED}
+        assert {f.peer_id for f in finals} == {peer.peer_id}, region

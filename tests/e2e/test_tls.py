@@ -112,3 +112,30 @@ async def test_mtls_serves_clients_with_a_certificate_and_refuses_others(
         with pytest.raises(aio.AioRpcError) as info:
             await plaintext.capabilities()
         assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+async def test_tls_without_client_certificates_serves_any_verified_client(
+    peers: PeerFactory, pki: Path
+) -> None:
+    """Server-only TLS: the channel is encrypted and the server verified; clients
+    prove who they are with their bearer token alone."""
+    server_only = _creds(pki, with_client_cert=False)
+    peer = await asyncio.to_thread(
+        peers.start,
+        config=examples_config(),
+        credentials=server_only,
+        ANVIL_TLS_CERT_FILE=str(pki / "server.pem"),
+        ANVIL_TLS_KEY_FILE=str(pki / "server.key"),
+    )
+    async with ComputeClient(peer.address, token=peer.token, credentials=server_only) as client:
+        submitted = await client.submit("text:wordcount")
+        final = await client.wait(submitted.job_id)
+        assert final.error == "" and b'"words": 0' in final.output
+    async with ComputeClient(peer.address, credentials=server_only) as anonymous:
+        with pytest.raises(aio.AioRpcError) as info:
+            await anonymous.capabilities()
+        assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    async with ComputeClient(peer.address, token=peer.token) as plaintext:
+        with pytest.raises(aio.AioRpcError) as info:
+            await plaintext.capabilities()
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
