@@ -679,3 +679,25 @@ def test_cli_reports_a_malformed_row(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert proc.stdout == b""
     assert proc.stderr.startswith(b"data:csv-aggregate: line 4: expected 2 fields, got 1\n")
+
+
+@pytest.mark.parametrize(
+    ("capability", "inputs", "params", "message"),
+    [
+        ("text:wordcount", [b"a b"], {"top": "ten"}, b"param top: expected an integer"),
+        ("image:resize", [b"P5 0 2 255\n"], {"width": "3"}, b"bad PNM header: width is 0"),
+        ("inference:digits", [b"0," * 63 + b"0\n"], {}, b"inference:digits: "),
+    ],
+)
+def test_cli_reports_bad_input_of_every_capability(
+    tmp_path: Path,
+    capability: str,
+    inputs: list[bytes],
+    params: dict[str, str],
+    message: bytes,
+) -> None:
+    """`anvil-compute run` exits non-zero (1, the guest's own) and shows the guest's reason."""
+    proc = anvil_run(tmp_path, capability, inputs, params)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    assert proc.stdout == b""
+    assert message in proc.stderr, proc.stderr
