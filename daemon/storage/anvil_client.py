@@ -102,7 +102,7 @@ class AnvilClient:
             )
         except aio.AioRpcError as exc:
             raise self._error(exc, ref) from exc
-        return _info(ref.bucket, ref.key, response.info)
+        return head_info(ref.bucket, ref.key, response)
 
     @asynccontextmanager
     async def open(self, ref: ObjectRef) -> AsyncIterator[ObjectReader]:
@@ -249,6 +249,13 @@ class AnvilClient:
 def _check_scheme(ref: ObjectRef) -> None:
     if ref.scheme is not Scheme.ANVIL:
         raise InvalidArgument(f"the Anvil client reads anvil:// refs, not {ref}")
+
+
+def head_info(bucket: str, key: str, response: object_pb2.HeadObjectResponse) -> ObjectInfo:
+    """A HeadObject answer: a peer's full `info`, or Anvil's own etag and size."""
+    if response.HasField("info"):
+        return _info(bucket, key, response.info)
+    return ObjectInfo(bucket=bucket, key=key, size=response.size, sha256=None, etag=response.etag)
 
 
 def _info(bucket: str, key: str, message: object_pb2.ObjectInfo) -> ObjectInfo:

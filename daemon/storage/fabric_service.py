@@ -15,7 +15,7 @@ from typing import Any
 from daemon.exceptions import InvalidArgument, ObjectNotFound
 from daemon.pb.anvil import object_pb2
 from daemon.storage.fabric import FORWARDED_HEADER, Fabric
-from daemon.storage.object_service import ObjectServiceServicer, info_message
+from daemon.storage.object_service import ObjectServiceServicer, head_response, info_message
 from daemon.storage.refs import ObjectRef, Scheme
 
 Context = Any
@@ -111,7 +111,7 @@ class FabricObjectService(ObjectServiceServicer):
         if _forwarded(context):
             return await super().HeadObject(request, context)
         info = await self.fabric.head(_ref(request.bucket_name, request.object_key, version))
-        return object_pb2.HeadObjectResponse(info=info_message(info))
+        return head_response(info)
 
 
 async def _empty() -> AsyncIterator[object_pb2.PutObjectRequest]:

@@ -84,7 +84,7 @@ class ObjectServiceServicer(object_pb2_grpc.ObjectServiceServicer):
             )
         except AnvilError as exc:
             await abort_with(context, exc)
-        return object_pb2.HeadObjectResponse(info=info_message(info))
+        return head_response(info)
 
     async def _put(
         self, requests: AsyncIterator[object_pb2.PutObjectRequest], context: Context
@@ -132,6 +132,11 @@ def info_message(info: ObjectInfo) -> object_pb2.ObjectInfo:
         version_id=info.version_id,
         sha256=info.sha256 or "",
     )
+
+
+def head_response(info: ObjectInfo) -> object_pb2.HeadObjectResponse:
+    """Anvil's fields for Anvil's clients, and the full description for ours."""
+    return object_pb2.HeadObjectResponse(etag=info.etag, size=info.size, info=info_message(info))
 
 
 async def abort_with(context: Context, exc: AnvilError) -> NoReturn:

@@ -111,6 +111,9 @@ GET_STREAM: dict[str, Field] = {
 GET_METADATA: dict[str, Field] = {
     "content_type": Field(1, STRING),
     "content_length": Field(2, VARINT_INT),
+    # Not in DESIGN §5: Anvil's own proto numbers the version 3 in ObjectInfo,
+    # so ours does too (a real Anvil's version would otherwise go unread).
+    "version_id": Field(3, STRING),
 }
 # HeadObject: DESIGN §5 names the method and nothing of its messages, so only
 # the method itself (name, unary shape) is pinned, in OBJECT_METHODS.
@@ -269,3 +272,23 @@ def test_watch_job_is_a_server_stream() -> None:
     method = _method("anvil.ComputeService", "WatchJob")
     assert method.server_streaming
     assert not method.client_streaming
+
+
+def test_head_reads_a_real_anvils_answer_and_ours() -> None:
+    """Anvil answers HeadObject with etag=1, size=2, last_modified=3; a peer adds
+    its full description at 100. The client reads either."""
+    from daemon.storage.anvil_client import head_info
+
+    anvil = object_pb2.HeadObjectResponse(etag="e1", size=42, last_modified="2026-11-29T10:00:00Z")
+    info = head_info("b", "k", object_pb2.HeadObjectResponse.FromString(anvil.SerializeToString()))
+    assert (info.size, info.etag, info.sha256, info.version_id) == (42, "e1", None, "")
+    ours = object_pb2.HeadObjectResponse(
+        etag="e2",
+        size=7,
+        info=object_pb2.ObjectInfo(content_length=7, etag="e2", version_id="v9", sha256="ab" * 32),
+    )
+    full = head_info("b", "k", ours)
+    assert (full.size, full.version_id, full.sha256) == (7, "v9", "ab" * 32)
+    fields = {f.name: f.number for f in object_pb2.HeadObjectResponse.DESCRIPTOR.fields}
+    assert fields == {"etag": 1, "size": 2, "last_modified": 3, "info": 100}
+    assert object_pb2.ObjectInfo.DESCRIPTOR.fields_by_name["version_id"].number == 3

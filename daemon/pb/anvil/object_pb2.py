@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x61nvil/object.proto\x12\x05\x61nvil\"_\n\x0eObjectMetadata\x12\x13\n\x0b\x62ucket_name\x18\x01 \x01(\t\x12\x12\n\nobject_key\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x64 \x01(\t\x12\x0e\n\x06sha256\x18\x65 \x01(\t\"V\n\x10PutObjectRequest\x12)\n\x08metadata\x18\x01 \x01(\x0b\x32\x15.anvil.ObjectMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x64\x61ta\"]\n\x11PutObjectResponse\x12\x0c\n\x04\x65tag\x18\x01 \x01(\t\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontent_length\x18\x64 \x01(\x04\x12\x0e\n\x06sha256\x18\x65 \x01(\t\"c\n\x10GetObjectRequest\x12\x13\n\x0b\x62ucket_name\x18\x01 \x01(\t\x12\x12\n\nobject_key\x18\x02 \x01(\t\x12\x17\n\nversion_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\r\n\x0b_version_id\"l\n\nObjectInfo\x12\x14\n\x0c\x63ontent_type\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontent_length\x18\x02 \x01(\x04\x12\x0c\n\x04\x65tag\x18\x64 \x01(\t\x12\x12\n\nversion_id\x18\x65 \x01(\t\x12\x0e\n\x06sha256\x18\x66 \x01(\t\"S\n\x11GetObjectResponse\x12%\n\x08metadata\x18\x01 \x01(\x0b\x32\x11.anvil.ObjectInfoH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x64\x61ta\"d\n\x11HeadObjectRequest\x12\x13\n\x0b\x62ucket_name\x18\x01 \x01(\t\x12\x12\n\nobject_key\x18\x02 \x01(\t\x12\x17\n\nversion_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\r\n\x0b_version_id\"5\n\x12HeadObjectResponse\x12\x1f\n\x04info\x18\x01 \x01(\x0b\x32\x11.anvil.ObjectInfo2\xd6\x01\n\rObjectService\x12@\n\tPutObject\x12\x17.anvil.PutObjectRequest\x1a\x18.anvil.PutObjectResponse(\x01\x12@\n\tGetObject\x12\x17.anvil.GetObjectRequest\x1a\x18.anvil.GetObjectResponse0\x01\x12\x41\n\nHeadObject\x12\x18.anvil.HeadObjectRequest\x1a\x19.anvil.HeadObjectResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x61nvil/object.proto\x12\x05\x61nvil\"_\n\x0eObjectMetadata\x12\x13\n\x0b\x62ucket_name\x18\x01 \x01(\t\x12\x12\n\nobject_key\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x64 \x01(\t\x12\x0e\n\x06sha256\x18\x65 \x01(\t\"V\n\x10PutObjectRequest\x12)\n\x08metadata\x18\x01 \x01(\x0b\x32\x15.anvil.ObjectMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x64\x61ta\"]\n\x11PutObjectResponse\x12\x0c\n\x04\x65tag\x18\x01 \x01(\t\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontent_length\x18\x64 \x01(\x04\x12\x0e\n\x06sha256\x18\x65 \x01(\t\"c\n\x10GetObjectRequest\x12\x13\n\x0b\x62ucket_name\x18\x01 \x01(\t\x12\x12\n\nobject_key\x18\x02 \x01(\t\x12\x17\n\nversion_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\r\n\x0b_version_id\"r\n\nObjectInfo\x12\x14\n\x0c\x63ontent_type\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontent_length\x18\x02 \x01(\x04\x12\x12\n\nversion_id\x18\x03 \x01(\t\x12\x0c\n\x04\x65tag\x18\x64 \x01(\t\x12\x0e\n\x06sha256\x18\x66 \x01(\tJ\x04\x08\x65\x10\x66\"S\n\x11GetObjectResponse\x12%\n\x08metadata\x18\x01 \x01(\x0b\x32\x11.anvil.ObjectInfoH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x64\x61ta\"d\n\x11HeadObjectRequest\x12\x13\n\x0b\x62ucket_name\x18\x01 \x01(\t\x12\x12\n\nobject_key\x18\x02 \x01(\t\x12\x17\n\nversion_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\r\n\x0b_version_id\"h\n\x12HeadObjectResponse\x12\x0c\n\x04\x65tag\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x15\n\rlast_modified\x18\x03 \x01(\t\x12\x1f\n\x04info\x18\x64 \x01(\x0b\x32\x11.anvil.ObjectInfo2\xd6\x01\n\rObjectService\x12@\n\tPutObject\x12\x17.anvil.PutObjectRequest\x1a\x18.anvil.PutObjectResponse(\x01\x12@\n\tGetObject\x12\x17.anvil.GetObjectRequest\x1a\x18.anvil.GetObjectResponse0\x01\x12\x41\n\nHeadObject\x12\x18.anvil.HeadObjectRequest\x1a\x19.anvil.HeadObjectResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,13 +40,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETOBJECTREQUEST']._serialized_start=309
   _globals['_GETOBJECTREQUEST']._serialized_end=408
   _globals['_OBJECTINFO']._serialized_start=410
-  _globals['_OBJECTINFO']._serialized_end=518
-  _globals['_GETOBJECTRESPONSE']._serialized_start=520
-  _globals['_GETOBJECTRESPONSE']._serialized_end=603
-  _globals['_HEADOBJECTREQUEST']._serialized_start=605
-  _globals['_HEADOBJECTREQUEST']._serialized_end=705
-  _globals['_HEADOBJECTRESPONSE']._serialized_start=707
-  _globals['_HEADOBJECTRESPONSE']._serialized_end=760
-  _globals['_OBJECTSERVICE']._serialized_start=763
-  _globals['_OBJECTSERVICE']._serialized_end=977
+  _globals['_OBJECTINFO']._serialized_end=524
+  _globals['_GETOBJECTRESPONSE']._serialized_start=526
+  _globals['_GETOBJECTRESPONSE']._serialized_end=609
+  _globals['_HEADOBJECTREQUEST']._serialized_start=611
+  _globals['_HEADOBJECTREQUEST']._serialized_end=711
+  _globals['_HEADOBJECTRESPONSE']._serialized_start=713
+  _globals['_HEADOBJECTRESPONSE']._serialized_end=817
+  _globals['_OBJECTSERVICE']._serialized_start=820
+  _globals['_OBJECTSERVICE']._serialized_end=1034
 # @@protoc_insertion_point(module_scope)

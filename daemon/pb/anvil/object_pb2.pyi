@@ -135,21 +135,22 @@ class ObjectInfo(_message.Message):
 
     CONTENT_TYPE_FIELD_NUMBER: _builtins.int
     CONTENT_LENGTH_FIELD_NUMBER: _builtins.int
-    ETAG_FIELD_NUMBER: _builtins.int
     VERSION_ID_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
     content_type: _builtins.str
     content_length: _builtins.int
-    etag: _builtins.str
     version_id: _builtins.str
+    """Anvil's own number for the version (it was 101 here before)."""
+    etag: _builtins.str
     sha256: _builtins.str
     def __init__(
         self,
         *,
         content_type: _builtins.str = ...,
         content_length: _builtins.int = ...,
-        etag: _builtins.str = ...,
         version_id: _builtins.str = ...,
+        etag: _builtins.str = ...,
         sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
@@ -216,17 +217,29 @@ Global___HeadObjectRequest: _TypeAlias = HeadObjectRequest  # noqa: Y015
 class HeadObjectResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    ETAG_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    LAST_MODIFIED_FIELD_NUMBER: _builtins.int
     INFO_FIELD_NUMBER: _builtins.int
+    etag: _builtins.str
+    """Anvil's own fields: a real Anvil's answer reads here, and ours on its clients."""
+    size: _builtins.int
+    last_modified: _builtins.str
     @_builtins.property
-    def info(self) -> Global___ObjectInfo: ...
+    def info(self) -> Global___ObjectInfo:
+        """All this daemon knows of the object (type, version, sha256); Anvil leaves it unset."""
+
     def __init__(
         self,
         *,
+        etag: _builtins.str = ...,
+        size: _builtins.int = ...,
+        last_modified: _builtins.str = ...,
         info: Global___ObjectInfo | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "info", b"info", "last_modified", b"last_modified", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
