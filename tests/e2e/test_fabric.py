@@ -111,17 +111,18 @@ async def test_kill_9_of_a_peer_loses_no_job(
     # than its 8 workers finish 1 s naps, however fast this machine submits.
     async with cluster[0].client() as client:
 
-        async def stream(part: list[str]) -> list[str]:
+        async def stream(part: list[str]) -> list[tuple[str, str]]:
             return [
-                (await client.submit("test:nap", locality_key=k, max_attempts=5)).job_id
+                (k, (await client.submit("test:nap", locality_key=k, max_attempts=5)).job_id)
                 for k in part
             ]
 
-        ids = [
-            i
+        key_of = {
+            job_id: k
             for part in await asyncio.gather(*(stream(keys[s::8]) for s in range(8)))
-            for i in part
-        ]
+            for k, job_id in part
+        }
+        ids = list(key_of)
     # Wait until the victim holds a good share of its jobs as running, then kill it.
     deadline = time.monotonic() + 60
     with psycopg.connect(database_url, autocommit=True) as conn:
@@ -141,7 +142,23 @@ async def test_kill_9_of_a_peer_loses_no_job(
     assert Counter(state(f) for f in finals) == {JobState.SUCCEEDED: 360}
     rescued = [f for f in finals if f.attempt > 1]
     assert len(rescued) >= 90
-    assert all(f.peer_id != victim.peer_id for f in rescued)
+    # A job rescued from the victim (its first attempt ran there, its second
+    # ended it) went to the next peer in its HRW order, the victim left out.
+    with psycopg.connect(database_url) as conn:
+        from_victim = {
+            str(job_id)
+            for (job_id,) in conn.execute(
+                "SELECT job_id FROM job_events WHERE attempt = 1 AND to_state = 'running'"
+                " AND peer_id = %s",
+                (victim.peer_id,),
+            )
+        }
+    ids_by_peer = [uuid.UUID(p.peer_id) for p in cluster]
+    checked = [f for f in rescued if f.attempt == 2 and f.job_id in from_victim]
+    assert len(checked) >= 90
+    for f in checked:
+        order = [str(p) for p in hrw.rank(key_of[f.job_id], ids_by_peer)]
+        assert f.peer_id == next(p for p in order if p != victim.peer_id), f.job_id
     per_job = events_per_job(database_url)
     assert all(per_job[i]["succeeded"] == 1 for i in ids), "a result was written twice"
 
