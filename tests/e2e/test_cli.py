@@ -200,3 +200,19 @@ async def test_serve_with_no_arguments_runs_on_the_embedded_defaults(tmp_path: P
     # The registry was the embedded PostgreSQL, and the store the built-in one.
     assert (data_dir / "postgres" / "PG_VERSION").is_file()
     assert (data_dir / "objects" / "index.sqlite3").is_file()
+
+
+async def test_watch_prints_each_state_as_it_happens(peers: PeerFactory, tmp_path: Path) -> None:
+    from tests.e2e.guests import guests_config
+
+    peer = await asyncio.to_thread(peers.start, config=guests_config(tmp_path))
+    first = (await asyncio.to_thread(cli, peer, "submit", "test:sleep")).stdout.strip()
+    second = (await asyncio.to_thread(cli, peer, "submit", "test:sleep")).stdout.strip()
+    watched = await asyncio.to_thread(cli, peer, "watch", second)  # queued behind the first
+    assert watched.returncode == 0, watched.stderr
+    states = [line.split()[0] for line in watched.stdout.splitlines() if "attempt" in line]
+    assert states == ["QUEUED", "RUNNING", "SUCCEEDED"], watched.stdout
+    assert f"on {peer.peer_id}" in watched.stdout
+    assert watched.stdout.rstrip().endswith("slept")
+    done = await asyncio.to_thread(cli, peer, "status", first)
+    assert "SUCCEEDED" in done.stdout

@@ -93,6 +93,25 @@ async def test_watch_sees_queued_running_succeeded(peer: Peer) -> None:
         assert state(await client.status(first.job_id)) is JobState.SUCCEEDED
 
 
+async def test_queue_depth_shows_jobs_waiting_for_a_slot(peer: Peer) -> None:
+    async with peer.client() as client:
+        ids = [(await client.submit("test:sleep")).job_id for _ in range(4)]  # one slot
+        deadline = asyncio.get_running_loop().time() + 6
+        deepest = 0.0
+        while asyncio.get_running_loop().time() < deadline and deepest < 2:
+            deepest = max(
+                deepest, await asyncio.to_thread(peer.metric, "anvil_compute_queue_depth")
+            )
+            await asyncio.sleep(0.2)
+        assert deepest >= 2, deepest  # at least two of the three waiting were seen
+        for job_id in ids:
+            assert state(await client.wait(job_id)) is JobState.SUCCEEDED
+    deadline = asyncio.get_running_loop().time() + 10
+    while await asyncio.to_thread(peer.metric, "anvil_compute_queue_depth") != 0:
+        assert asyncio.get_running_loop().time() < deadline, "queue depth never went back to 0"
+        await asyncio.sleep(0.2)
+
+
 async def test_cancel_queued_never_runs_and_cancel_running_kills(
     peer: Peer, database_url: str
 ) -> None:
