@@ -49,3 +49,25 @@ def test_bad_config_is_one_line_on_stderr(tmp_path: Path) -> None:
     result = run_cli("migrate", "--config", str(bad))
     assert result.returncode == 1
     assert result.stderr.strip() == f"anvil-compute: unknown setting 'colour' in {bad}"
+
+
+def test_four_migrate_processes_at_once_apply_each_migration_once(
+    empty_database_url: str,
+) -> None:
+    """Peers of a fabric start together: their migrations serialize on the lock."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "daemon.cli", "migrate", "--database-url", empty_database_url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    outcomes = [(p.wait(120), *p.communicate()) for p in procs]
+    assert [code for code, _, _ in outcomes] == [0] * 4, outcomes
+    applied = [out for _, out, _ in outcomes if "applied migrations" in out]
+    assert len(applied) == 1, outcomes  # one applied them, three found them done
+    with psycopg.connect(empty_database_url) as conn:
+        rows = conn.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
+    assert [v for (v,) in rows] == [m.version for m in load_migrations()]
