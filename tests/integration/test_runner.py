@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -91,3 +93,122 @@ async def test_a_hung_executor_cannot_keep_a_job_running_for_ever(
     assert final.state is JobState.TIMED_OUT
     assert "did not finish the job within 0.8 s" in final.error
     assert executor.cancelled == 1, "the hung call was cancelled, so its guest is killed"
+
+
+class RegistryLink:
+    """A TCP hop between the runner and PostgreSQL that the test can cut, as a
+    network partition would: every connection dropped, new ones refused."""
+
+    def __init__(self, database_url: str) -> None:
+        from psycopg.conninfo import conninfo_to_dict
+
+        params = conninfo_to_dict(database_url)
+        self._socket = f"{params['host']}/.s.PGSQL.{params.get('port') or 5432}"
+        self._dbname = str(params["dbname"])
+        self._user = str(params.get("user") or "postgres")
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._pipe, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"host=127.0.0.1 port={port} user={self._user} dbname={self._dbname}"
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_unix_connection(self._socket)
+        self._writers += [writer, up_writer]
+
+        async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))
+
+    async def cut(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.transport.abort()
+
+
+class Sleeps:
+    """An executor whose guest runs until it is killed; records when."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.killed_at: float | None = None
+
+    async def execute(self, request: ExecutionRequest) -> ExecutionOutcome:
+        self.started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.killed_at = time.time()
+            raise
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_peer_cut_off_from_the_registry_kills_its_guest_before_its_lease_ends(
+    registry: Registry, database_url: str, tmp_path: Path
+) -> None:
+    """Past its lease another peer may rescue the job and run it again: the cut-off
+    peer must have stopped its own run by then, and must not write a result."""
+    link = RegistryLink(database_url)
+    cut_off = await Registry.connect(await link.start(), max_size=4, run_migrations=False)
+    peer = uuid.uuid4()
+    cap = LocalCapability(name="test:long", kind="wasm", module=str(tmp_path / "m.wasm"))
+    listener = Listener(database_url, [JOB_EVENTS])
+    await listener.start()
+    hub = JobEventHub(listener)
+    await hub.start()
+    store = LocalStore(tmp_path / "data")
+    executor = Sleeps()
+    with DiskCache(tmp_path / "cache", max_bytes=1 << 20) as cache:
+        fabric = Fabric(store=store, peer_id=peer, owners=lambda key: [], connect=lambda a: None)  # type: ignore[arg-type,return-value]
+        runner = runner_mod.Runner(
+            registry=cut_off,
+            peer_id=peer,
+            capabilities={cap.name: cap},
+            executors={"wasm": executor},
+            fetcher=Fetcher(cache, local=store, anvil=fabric),
+            fabric=fabric,
+            hub=hub,
+            options=runner_mod.RunnerOptions(
+                lease=timedelta(seconds=3),
+                poll_interval_s=0.1,
+                max_inline_output=1024,
+                work_root=tmp_path / "work",
+            ),
+        )
+        job = (
+            await registry.jobs.submit(
+                JobSpec(capability="test:long", region="local", timeout_ms=60_000), peer_id=peer
+            )
+        ).job
+        await runner.start()
+        try:
+            await asyncio.wait_for(executor.started.wait(), 10)
+            claimed = await registry.jobs.get(job.job_id)
+            assert claimed.state is JobState.RUNNING and claimed.lease_expires_at is not None
+            await link.cut()
+            for _ in range(100):
+                if executor.killed_at is not None:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await runner.close()
+            await hub.close()
+            await listener.close()
+            await cut_off.close()
+    assert executor.killed_at is not None, "the guest was never stopped"
+    latest_expiry = (await registry.jobs.get(job.job_id)).lease_expires_at
+    assert latest_expiry is not None
+    assert executor.killed_at < latest_expiry.timestamp(), "the guest outlived its lease"
+    after = await registry.jobs.get(job.job_id)
+    assert after.state is JobState.RUNNING  # no result was written; a rescue takes it from here
