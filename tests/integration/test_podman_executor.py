@@ -418,7 +418,10 @@ async def test_fork_bomb_is_held_by_the_pids_limit(
     result = await sh(executor, busybox_image, script, tmp_path, limits=limits)
     assert result.outcome is Outcome.OK, (result.message, result.stderr[-500:])
     facts = dict(line.split() for line in result.stdout.decode().splitlines())
-    assert int(facts["most"]) <= 24, facts  # never past the limit
+    # Forks past the limit are refused. The kernel's count may still exceed it by a
+    # task moved into the cgroup rather than forked there (the runtime's own
+    # helper), which pids.max does not refuse: allow that one, never a runaway.
+    assert int(facts["most"]) <= 24 + 1, facts
     assert int(facts["max"]) > 0, facts  # and the bomb did run into it
     assert b"can't fork" in result.stderr
 
