@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -43,6 +44,53 @@ class NeverAnswers:
         return None
 
 
+@contextlib.asynccontextmanager
+async def started_runner(
+    registry: Registry,
+    database_url: str,
+    tmp_path: Path,
+    *,
+    peer: uuid.UUID,
+    cap: LocalCapability,
+    executor: object,
+) -> AsyncIterator[runner_mod.Runner]:
+    """A Runner for `cap` on `registry`, started (its hub listening on the real
+    database); closed with everything it uses when the block ends."""
+    listener = Listener(database_url, [JOB_EVENTS])
+    await listener.start()
+    hub = JobEventHub(listener)
+    await hub.start()
+    store = LocalStore(tmp_path / "data")
+    try:
+        with DiskCache(tmp_path / "cache", max_bytes=1 << 20) as cache:
+            fabric = Fabric(
+                store=store, peer_id=peer, owners=lambda key: [], connect=lambda a: None
+            )  # type: ignore[arg-type,return-value]
+            runner = runner_mod.Runner(
+                registry=registry,
+                peer_id=peer,
+                capabilities={cap.name: cap},
+                executors={"wasm": executor},  # type: ignore[dict-item]
+                fetcher=Fetcher(cache, local=store, anvil=fabric),
+                fabric=fabric,
+                hub=hub,
+                options=runner_mod.RunnerOptions(
+                    lease=timedelta(seconds=3),
+                    poll_interval_s=0.1,
+                    max_inline_output=1024,
+                    work_root=tmp_path / "work",
+                ),
+            )
+            await runner.start()
+            try:
+                yield runner
+            finally:
+                await runner.close()
+    finally:
+        await hub.close()
+        await listener.close()
+
+
 async def test_a_hung_executor_cannot_keep_a_job_running_for_ever(
     registry: Registry, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -51,45 +99,20 @@ async def test_a_hung_executor_cannot_keep_a_job_running_for_ever(
     module = tmp_path / "m.wasm"
     module.write_bytes(b"\0asm\1\0\0\0")
     cap = LocalCapability(name="test:hang", kind="wasm", module=str(module), limits=Limits())
-    listener = Listener(database_url, [JOB_EVENTS])
-    await listener.start()
-    hub = JobEventHub(listener)
-    await hub.start()
-    store = LocalStore(tmp_path / "data")
     executor = NeverAnswers()
-    with DiskCache(tmp_path / "cache", max_bytes=1 << 20) as cache:
-        fabric = Fabric(store=store, peer_id=peer, owners=lambda key: [], connect=lambda a: None)  # type: ignore[arg-type,return-value]
-        runner = runner_mod.Runner(
-            registry=registry,
-            peer_id=peer,
-            capabilities={cap.name: cap},
-            executors={"wasm": executor},
-            fetcher=Fetcher(cache, local=store, anvil=fabric),
-            fabric=fabric,
-            hub=hub,
-            options=runner_mod.RunnerOptions(
-                lease=timedelta(seconds=3),
-                poll_interval_s=0.1,
-                max_inline_output=1024,
-                work_root=tmp_path / "work",
-            ),
+    job = (
+        await registry.jobs.submit(
+            JobSpec(capability="test:hang", region="local", timeout_ms=300), peer_id=peer
         )
-        job = (
-            await registry.jobs.submit(
-                JobSpec(capability="test:hang", region="local", timeout_ms=300), peer_id=peer
-            )
-        ).job
-        await runner.start()
-        try:
-            for _ in range(100):
-                final = await registry.jobs.get(job.job_id)
-                if final.state.terminal:
-                    break
-                await asyncio.sleep(0.05)
-        finally:
-            await runner.close()
-            await hub.close()
-            await listener.close()
+    ).job
+    async with started_runner(
+        registry, database_url, tmp_path, peer=peer, cap=cap, executor=executor
+    ):
+        for _ in range(100):
+            final = await registry.jobs.get(job.job_id)
+            if final.state.terminal:
+                break
+            await asyncio.sleep(0.05)
     assert final.state is JobState.TIMED_OUT
     assert "did not finish the job within 0.8 s" in final.error
     assert executor.cancelled == 1, "the hung call was cancelled, so its guest is killed"
@@ -163,36 +186,16 @@ async def test_a_peer_cut_off_from_the_registry_kills_its_guest_before_its_lease
     cut_off = await Registry.connect(await link.start(), max_size=4, run_migrations=False)
     peer = uuid.uuid4()
     cap = LocalCapability(name="test:long", kind="wasm", module=str(tmp_path / "m.wasm"))
-    listener = Listener(database_url, [JOB_EVENTS])
-    await listener.start()
-    hub = JobEventHub(listener)
-    await hub.start()
-    store = LocalStore(tmp_path / "data")
     executor = Sleeps()
-    with DiskCache(tmp_path / "cache", max_bytes=1 << 20) as cache:
-        fabric = Fabric(store=store, peer_id=peer, owners=lambda key: [], connect=lambda a: None)  # type: ignore[arg-type,return-value]
-        runner = runner_mod.Runner(
-            registry=cut_off,
-            peer_id=peer,
-            capabilities={cap.name: cap},
-            executors={"wasm": executor},
-            fetcher=Fetcher(cache, local=store, anvil=fabric),
-            fabric=fabric,
-            hub=hub,
-            options=runner_mod.RunnerOptions(
-                lease=timedelta(seconds=3),
-                poll_interval_s=0.1,
-                max_inline_output=1024,
-                work_root=tmp_path / "work",
-            ),
+    job = (
+        await registry.jobs.submit(
+            JobSpec(capability="test:long", region="local", timeout_ms=60_000), peer_id=peer
         )
-        job = (
-            await registry.jobs.submit(
-                JobSpec(capability="test:long", region="local", timeout_ms=60_000), peer_id=peer
-            )
-        ).job
-        await runner.start()
-        try:
+    ).job
+    try:
+        async with started_runner(
+            cut_off, database_url, tmp_path, peer=peer, cap=cap, executor=executor
+        ):
             await asyncio.wait_for(executor.started.wait(), 10)
             claimed = await registry.jobs.get(job.job_id)
             assert claimed.state is JobState.RUNNING and claimed.lease_expires_at is not None
@@ -201,11 +204,8 @@ async def test_a_peer_cut_off_from_the_registry_kills_its_guest_before_its_lease
                 if executor.killed_at is not None:
                     break
                 await asyncio.sleep(0.05)
-        finally:
-            await runner.close()
-            await hub.close()
-            await listener.close()
-            await cut_off.close()
+    finally:
+        await cut_off.close()
     assert executor.killed_at is not None, "the guest was never stopped"
     latest_expiry = (await registry.jobs.get(job.job_id)).lease_expires_at
     assert latest_expiry is not None
