@@ -158,6 +158,10 @@ class Settings:
     max_inline_output: int
     wasm_workers: int
     max_running_jobs: int
+    max_output_bytes: int
+    max_output_files: int
+    max_job_timeout_s: float
+    max_store_bytes: int
     podman_socket: str | None
     gpu_devices: tuple[str, ...]
     capabilities: tuple[LocalCapability, ...]
@@ -235,6 +239,26 @@ FIELDS: dict[str, tuple[Callable[[Any], Any], Callable[[], Any], str]] = {
         _positive_int,
         lambda: 32,
         "jobs this peer runs at once over all capabilities (more stay queued here)",
+    ),
+    "max_output_bytes": (
+        _positive_int,
+        lambda: 1024**3,
+        "bytes a guest may leave in /output, bounded while it runs",
+    ),
+    "max_output_files": (
+        _positive_int,
+        lambda: 1000,
+        "files a guest may leave in /output, bounded while it runs",
+    ),
+    "max_job_timeout_s": (
+        _positive_float,
+        lambda: 3600.0,
+        "ceiling on any job's timeout; a capability's timeout_ms may only lower it",
+    ),
+    "max_store_bytes": (
+        _non_negative_int,
+        lambda: 0,
+        "bytes the built-in store may hold on this peer (0 = until the disk is full)",
     ),
     "wasm_workers": (
         _non_negative_int,
