@@ -1,14 +1,22 @@
 """Bearer JWT auth (HS256, Anvil's claims `sub`, `exp`, `scopes`) and TLS credentials.
 
-Each RPC needs one scope (`METHOD_SCOPES`); health checks and reflection are
-open so load balancers and grpcurl work. A scope matches exactly, or through a
-wildcard held by the caller (`compute:*`, `peer:*`, `*`).
+Scopes are spelled as Anvil spells them: `action` or `action|resource`, where
+the action is `compute:submit`, `object:read`, ... (`family:*` and `*` cover
+a family or everything) and the resource is a pattern: `*`, an exact name, or
+a prefix ending in `*` (`object:read|photos/2026/*`). A scope without a
+resource covers every resource. For objects the resource is `BUCKET/KEY`; for
+`compute:submit` it is the capability (`compute:submit|text:*`).
+
+Each RPC needs one of its actions (`METHOD_ACTIONS`) at the door; the handler
+then decides on the resource (which bucket, whose job: daemon/access.py).
+Health checks and reflection are open so load balancers and grpcurl work.
 """
 
 from __future__ import annotations
 
 import contextvars
 import os
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -20,57 +28,137 @@ import grpc
 import jwt
 from grpc import aio
 
-from daemon.exceptions import ConfigError, PermissionDenied, Unauthenticated
+from daemon.exceptions import ConfigError, InvalidArgument, PermissionDenied, Unauthenticated
 
 ALGORITHM = "HS256"
 SCOPE_SUBMIT = "compute:submit"
 SCOPE_READ = "compute:read"
 SCOPE_REGISTER = "compute:register"
 SCOPE_CANCEL = "compute:cancel"
+# Sees and cancels every tenant's jobs (operators).
+SCOPE_ADMIN = "compute:admin"
 SCOPE_OBJECT_READ = "object:read"
 SCOPE_OBJECT_WRITE = "object:write"
 SCOPE_PEER = "peer:dispatch"
+# A tenant's token (client.token): its own jobs, every bucket. No registration.
 CLIENT_SCOPES = (
     SCOPE_SUBMIT,
     SCOPE_READ,
-    SCOPE_REGISTER,
     SCOPE_CANCEL,
     SCOPE_OBJECT_READ,
     SCOPE_OBJECT_WRITE,
 )
+# An operator's token (operator.token): registration and every tenant's jobs.
+OPERATOR_SCOPES = (*CLIENT_SCOPES, SCOPE_REGISTER, SCOPE_ADMIN)
+# What one peer's token lets it do on another peer.
+PEER_SCOPES = (SCOPE_PEER, SCOPE_OBJECT_READ, SCOPE_OBJECT_WRITE)
+PEER_SUBJECT_PREFIX = "peer:"
+KNOWN_ACTIONS = frozenset({*OPERATOR_SCOPES, SCOPE_PEER, "compute:*", "object:*", "peer:*", "*"})
 
-METHOD_SCOPES: dict[str, str] = {
-    "/anvil.ComputeService/RegisterCapability": SCOPE_REGISTER,
-    "/anvil.ComputeService/DeregisterCapability": SCOPE_REGISTER,
-    "/anvil.ComputeService/ListCapabilities": SCOPE_READ,
-    "/anvil.ComputeService/SubmitJob": SCOPE_SUBMIT,
-    "/anvil.ComputeService/GetJobStatus": SCOPE_READ,
-    "/anvil.ComputeService/WatchJob": SCOPE_READ,
-    "/anvil.ComputeService/CancelJob": SCOPE_CANCEL,
-    "/anvil.PeerService/Dispatch": SCOPE_PEER,
-    "/anvil.PeerService/Heartbeat": SCOPE_PEER,
-    "/anvil.ObjectService/PutObject": SCOPE_OBJECT_WRITE,
-    "/anvil.ObjectService/GetObject": SCOPE_OBJECT_READ,
-    "/anvil.ObjectService/HeadObject": SCOPE_OBJECT_READ,
+# The actions that open each RPC (any one of them); the handler may check more.
+METHOD_ACTIONS: dict[str, tuple[str, ...]] = {
+    # Operators, or a peer for its own rows (checked in the handler).
+    "/anvil.ComputeService/RegisterCapability": (SCOPE_REGISTER, SCOPE_PEER),
+    "/anvil.ComputeService/DeregisterCapability": (SCOPE_REGISTER, SCOPE_PEER),
+    "/anvil.ComputeService/ListCapabilities": (SCOPE_READ,),
+    "/anvil.ComputeService/SubmitJob": (SCOPE_SUBMIT,),
+    "/anvil.ComputeService/GetJobStatus": (SCOPE_READ,),
+    "/anvil.ComputeService/WatchJob": (SCOPE_READ,),
+    "/anvil.ComputeService/CancelJob": (SCOPE_CANCEL,),
+    "/anvil.PeerService/Dispatch": (SCOPE_PEER,),
+    "/anvil.PeerService/Heartbeat": (SCOPE_PEER,),
+    "/anvil.ObjectService/PutObject": (SCOPE_OBJECT_WRITE,),
+    # A job's submitter reads its outputs with compute:read alone.
+    "/anvil.ObjectService/GetObject": (SCOPE_OBJECT_READ, SCOPE_READ),
+    "/anvil.ObjectService/HeadObject": (SCOPE_OBJECT_READ, SCOPE_READ),
 }
 OPEN_METHOD_PREFIXES = (
     "/grpc.health.v1.Health/",
     "/grpc.reflection.v1alpha.ServerReflection/",
     "/grpc.reflection.v1.ServerReflection/",
 )
+MAX_SCOPES = 256
+MAX_SCOPE_LENGTH = 1024
+_RESOURCE = re.compile(r"[^\x00-\x1f\x7f]+")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Scope:
+    """One granted scope: an action (or wildcard) over a resource pattern."""
+
+    action: str
+    resource: str = "*"
+
+    @classmethod
+    def parse(cls, text: str) -> Scope:
+        """`action` or `action|resource`. Raises InvalidArgument when malformed."""
+        action, sep, resource = text.partition("|")
+        if not action or (sep and not _RESOURCE.fullmatch(resource)):
+            raise InvalidArgument(f"malformed scope {text!r}: expected ACTION or ACTION|RESOURCE")
+        return cls(action=action, resource=resource if sep else "*")
+
+    def covers_action(self, action: str) -> bool:
+        if self.action in ("*", action):
+            return True
+        family, _, rest = self.action.partition(":")
+        return rest == "*" and action.startswith(family + ":")
+
+    def covers_resource(self, resource: str) -> bool:
+        if self.resource == "*":
+            return True
+        if self.resource.endswith("*"):
+            return resource.startswith(self.resource[:-1])
+        return resource == self.resource
+
+    def __str__(self) -> str:
+        return self.action if self.resource == "*" else f"{self.action}|{self.resource}"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Claims:
+    """A verified caller: who it is, which tenant it acts for, what it may do."""
+
     sub: str
     scopes: frozenset[str]
     exp: int
+    # Whose jobs these are: the token's tenant claim (Anvil's `tenant_id`), else its subject.
+    tenant: str = ""
+    granted: tuple[Scope, ...] = ()
 
-    def allows(self, scope: str) -> bool:
-        if scope in self.scopes or "*" in self.scopes:
-            return True
-        family = scope.split(":", 1)[0]
-        return f"{family}:*" in self.scopes
+    def __post_init__(self) -> None:
+        if not self.tenant:
+            object.__setattr__(self, "tenant", self.sub)
+        if not self.granted:
+            parsed = []
+            for text in self.scopes:
+                try:
+                    parsed.append(Scope.parse(text))
+                except InvalidArgument:
+                    continue  # a scope we cannot read grants nothing
+            object.__setattr__(self, "granted", tuple(parsed))
+
+    def has_action(self, action: str) -> bool:
+        """Whether some scope grants `action` on some resource (the door check)."""
+        return any(s.covers_action(action) for s in self.granted)
+
+    def allows(self, action: str, resource: str = "*") -> bool:
+        """Whether some scope grants `action` on `resource` ('*': on everything)."""
+        return any(
+            s.covers_action(action)
+            and (s.resource == "*" or (resource != "*" and s.covers_resource(resource)))
+            for s in self.granted
+        )
+
+    @property
+    def is_admin(self) -> bool:
+        return self.allows(SCOPE_ADMIN)
+
+    @property
+    def peer_id(self) -> str | None:
+        """The peer this token speaks for (`peer:<uuid>` with the peer scope), else None."""
+        if self.sub.startswith(PEER_SUBJECT_PREFIX) and self.allows(SCOPE_PEER):
+            return self.sub[len(PEER_SUBJECT_PREFIX) :]
+        return None
 
 
 # The verified caller of the current RPC, for handlers that record who asked.
@@ -79,10 +167,20 @@ current_claims: contextvars.ContextVar[Claims | None] = contextvars.ContextVar(
 )
 
 
-def issue_token(secret: bytes, *, sub: str, scopes: Iterable[str], ttl_s: float) -> str:
-    """A signed token for `sub` with the given scopes, valid for ttl_s seconds."""
+def issue_token(
+    secret: bytes, *, sub: str, scopes: Iterable[str], ttl_s: float, tenant: str = ""
+) -> str:
+    """A signed token for `sub` with the given scopes, valid for ttl_s seconds.
+
+    Raises InvalidArgument for a malformed scope.
+    """
+    scopes = sorted(set(scopes))
+    for scope in scopes:
+        Scope.parse(scope)
     now = int(time.time())
-    payload = {"sub": sub, "scopes": sorted(scopes), "iat": now, "exp": now + int(ttl_s)}
+    payload: dict[str, Any] = {"sub": sub, "scopes": scopes, "iat": now, "exp": now + int(ttl_s)}
+    if tenant:
+        payload["tenant"] = tenant
     return jwt.encode(payload, secret, algorithm=ALGORITHM)
 
 
@@ -101,9 +199,19 @@ def verify_token(token: str, secret: bytes) -> Claims:
         scopes = scopes.split()
     if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
         raise Unauthenticated("invalid token: 'scopes' must be a list of strings")
-    if not isinstance(payload["sub"], str):
-        raise Unauthenticated("invalid token: 'sub' must be a string")
-    return Claims(sub=payload["sub"], scopes=frozenset(scopes), exp=int(payload["exp"]))
+    if len(scopes) > MAX_SCOPES or any(len(s) > MAX_SCOPE_LENGTH for s in scopes):
+        raise Unauthenticated(f"invalid token: at most {MAX_SCOPES} scopes of {MAX_SCOPE_LENGTH}")
+    if not isinstance(payload["sub"], str) or not payload["sub"]:
+        raise Unauthenticated("invalid token: 'sub' must be a non-empty string")
+    # Our tokens name the tenant `tenant`; Anvil's own tokens carry `tenant_id`.
+    tenant = payload.get("tenant")
+    if tenant is None and payload.get("tenant_id") is not None:
+        tenant = f"anvil-tenant:{payload['tenant_id']}"
+    if tenant is not None and (not isinstance(tenant, str) or not tenant):
+        raise Unauthenticated("invalid token: 'tenant' must be a non-empty string")
+    return Claims(
+        sub=payload["sub"], scopes=frozenset(scopes), exp=int(payload["exp"]), tenant=tenant or ""
+    )
 
 
 def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
@@ -152,9 +260,10 @@ def authorize(method: str, metadata: Any, tokens: VerifiedTokens) -> Claims | No
     if method.startswith(OPEN_METHOD_PREFIXES):
         return None
     claims = tokens.verify(bearer_token(metadata))
-    scope = METHOD_SCOPES.get(method, "*")
-    if not claims.allows(scope):
-        raise PermissionDenied(f"token for {claims.sub!r} lacks scope {scope!r} for {method}")
+    actions = METHOD_ACTIONS.get(method, ("*",))
+    if not any(claims.has_action(action) for action in actions):
+        wanted = " or ".join(repr(a) for a in actions)
+        raise PermissionDenied(f"token for {claims.sub!r} lacks scope {wanted} for {method}")
     return claims
 
 
@@ -219,11 +328,19 @@ def _write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_client_token(path: Path, secret: bytes, *, ttl_s: float) -> str:
-    """Write a token with every client scope to `path` (mode 0600); return it."""
-    token = issue_token(secret, sub="local-client", scopes=CLIENT_SCOPES, ttl_s=ttl_s)
+def write_token(path: Path, secret: bytes, *, sub: str, scopes: Iterable[str], ttl_s: float) -> str:
+    """Write a new token to `path` (mode 0600, replaced atomically); return it."""
+    token = issue_token(secret, sub=sub, scopes=scopes, ttl_s=ttl_s)
     _write_private(path, token + "\n")
     return token
+
+
+def parse_ttl(text: str) -> float:
+    """Seconds in `90s`, `15m`, `12h`, `30d` (or plain seconds). Raises InvalidArgument."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if match is None or float(match[1]) <= 0:
+        raise InvalidArgument(f"bad time to live {text!r}: expected e.g. 3600, 90s, 15m, 12h, 30d")
+    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -6,7 +6,7 @@ wasm = "/opt/anvil/text-wordcount.wasm"   # a path on this peer, or an object re
 sha256 = "…"                              # optional: expected module digest
 max_concurrency = 4
 resources = { memory_mib = "512" }
-timeout_ms = 30000                        # default when a job gives none
+timeout_ms = 30000                        # default and ceiling of a job's timeout
 fuel = 10_000_000_000                     # per-run limits (0 = executor default)
 memory_mib = 256
 
@@ -81,6 +81,15 @@ class LocalCapability:
     max_concurrency: int = 1
     resources: Mapping[str, str] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
+
+    def timeout_ms(self, job_ms: int, *, default_ms: int, ceiling_ms: int) -> int:
+        """One attempt's timeout: the job's own, never above this capability's (or,
+        when it sets none, the operator's `ceiling_ms`); the capability's (else
+        `default_ms`) when the job gives none. The capability's value is thus both
+        the default and a ceiling a job may only lower."""
+        ceiling = min(self.limits.timeout_ms or ceiling_ms, ceiling_ms)
+        wanted = job_ms or self.limits.timeout_ms or default_ms
+        return min(wanted, ceiling)
 
     def executor_message(self) -> dict[str, Any]:
         """The executor description registered for other peers and operators to see."""

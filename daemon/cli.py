@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "daemon.commands.objects",
     "daemon.commands.run",
     "daemon.commands.migrate",
+    "daemon.commands.token",
 )
 
 

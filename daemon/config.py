@@ -180,6 +180,10 @@ class Settings:
     def token_path(self) -> Path:
         return self.data_dir / "client.token"
 
+    @property
+    def operator_token_path(self) -> Path:
+        return self.data_dir / "operator.token"
+
 
 # key -> (parser, default factory, help)
 FIELDS: dict[str, tuple[Callable[[Any], Any], Callable[[], Any], str]] = {

@@ -36,6 +36,11 @@ class ExecutionOutcome:
 
 
 class JobExecutor(Protocol):
+    @property
+    def capacity(self) -> int | None:
+        """Guests it runs at once (None: no bound of its own); the runner claims no more."""
+        ...
+
     async def execute(self, request: ExecutionRequest) -> ExecutionOutcome:
         """Run one attempt under its limits. Cancelling the call kills the guest."""
         ...

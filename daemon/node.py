@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import logging
 import time
 import uuid
@@ -21,15 +23,17 @@ import grpc
 import jwt
 
 from daemon import __version__, auth
+from daemon.capability_config import LocalCapability
 from daemon.config import Settings
 from daemon.dispatch import PeerLinks
 from daemon.exceptions import AnvilError, ConfigError, NotFound
 from daemon.execution import JobExecutor
 from daemon.membership import MembershipView
+from daemon.modules import pin_or_explain
 from daemon.registry import Registry
 from daemon.registry.embedded import EmbeddedPostgres
 from daemon.registry.listener import JOB_EVENTS, MEMBERSHIP, Listener, peer_channel
-from daemon.registry.models import CapabilitySpec
+from daemon.registry.models import Capability, CapabilitySpec
 from daemon.rescuer import Rescuer
 from daemon.runner import Runner, RunnerOptions
 from daemon.server import Server, ServerOptions
@@ -39,14 +43,18 @@ from daemon.storage.anvil_client import AnvilClient
 from daemon.storage.cache import DiskCache
 from daemon.storage.fabric import FORWARDED_HEADER, Fabric, Owner
 from daemon.storage.fabric_service import FabricObjectService
-from daemon.storage.fetcher import Fetcher
+from daemon.storage.fetcher import Fetcher, pin
 from daemon.storage.local_store import LocalStore
 from daemon.storage.rebalance import Rebalancer
 from daemon.watch import JobEventHub
 
 log = logging.getLogger(__name__)
 
-CLIENT_TOKEN_TTL_S = 365 * 24 * 3600
+# Tokens `serve` writes into the data directory; renewed while it runs, a day
+# before they expire.
+CLIENT_TOKEN_TTL_S = 30 * 24 * 3600
+TOKEN_RENEW_BEFORE_S = 24 * 3600
+TOKEN_CHECK_INTERVAL_S = 3600
 PEER_TOKEN_TTL_S = 3600
 
 
@@ -63,12 +71,41 @@ def load_or_create_peer_id(data_dir: Path) -> uuid.UUID:
         raise ConfigError(f"{path} does not hold a UUID") from exc
 
 
-def _token_fresh(path: Path, secret: bytes) -> bool:
+def _token_fresh(path: Path, secret: bytes, scopes: tuple[str, ...]) -> bool:
+    """A valid token with exactly these scopes and more than a day left is at `path`."""
     try:
         claims = auth.verify_token(path.read_text().strip(), secret)
     except (OSError, AnvilError, jwt.PyJWTError):
         return False
-    return claims.exp - time.time() > 24 * 3600
+    return claims.exp - time.time() > TOKEN_RENEW_BEFORE_S and claims.scopes == frozenset(scopes)
+
+
+def write_local_tokens(settings: Settings, secret: bytes) -> None:
+    """client.token (a tenant: its own jobs, every bucket) and operator.token
+    (registration, every job), 0600 in the data directory; kept if still fresh."""
+    for path, sub, scopes in (
+        (settings.token_path, "local-client", auth.CLIENT_SCOPES),
+        (settings.operator_token_path, "local-operator", auth.OPERATOR_SCOPES),
+    ):
+        if not _token_fresh(path, secret, scopes):
+            auth.write_token(path, secret, sub=sub, scopes=scopes, ttl_s=CLIENT_TOKEN_TTL_S)
+
+
+async def pin_capabilities(
+    capabilities: tuple[LocalCapability, ...], fetcher: Fetcher
+) -> tuple[LocalCapability, ...]:
+    """Each WASM capability with its module pinned by sha256 (resolved now when the
+    config gives none). Raises AnvilError naming the capability."""
+    pinned = []
+    for cap in capabilities:
+        if cap.kind != "wasm":
+            pinned.append(cap)
+            continue
+        module, digest = await pin_or_explain(
+            cap.name, cap.module, cap.module_sha256, resolve=functools.partial(pin, fetcher)
+        )
+        pinned.append(dataclasses.replace(cap, module=module, module_sha256=digest))
+    return tuple(pinned)
 
 
 # (settings, the fetcher of objects: modules, inputs, image archives) -> executors by kind
@@ -88,6 +125,8 @@ class Node:
         self.registry: Registry | None = None
         self._peer_token: tuple[str, float] | None = None
         self._secret: bytes | None = None
+        # This peer's capabilities, their modules pinned (set by start()).
+        self.capabilities: tuple[LocalCapability, ...] = settings.capabilities
 
     async def start(self) -> None:
         """Bring the peer up; raise ConfigError / RegistryUnavailable on failure."""
@@ -119,8 +158,7 @@ class Node:
 
         if s.auth:
             self._secret = auth.load_or_create_secret(s.secret_path)
-            if not _token_fresh(s.token_path, self._secret):
-                auth.write_client_token(s.token_path, self._secret, ttl_s=CLIENT_TOKEN_TTL_S)
+            write_local_tokens(s, self._secret)
         peer_credentials = (
             auth.channel_credentials(
                 ca=s.peer_tls_ca_file, cert=s.peer_tls_cert_file, key=s.peer_tls_key_file
@@ -143,11 +181,14 @@ class Node:
         )
         self._cleanup.append(fabric.close)
         fetcher = Fetcher(cache, local=store, anvil=fabric)
+        # Modules named by object refs are resolved over the fabric's current members.
+        await view.refresh()
+        self.capabilities = await pin_capabilities(s.capabilities, fetcher)
 
         executors = await self._executor_factory(s, fetcher)
         for executor in executors.values():
             self._cleanup.append(executor.close)
-        capabilities = {c.name: c for c in s.capabilities}
+        capabilities = {c.name: c for c in self.capabilities}
         self.runner = runner = Runner(
             registry=registry,
             peer_id=peer_id,
@@ -161,6 +202,10 @@ class Node:
                 poll_interval_s=s.poll_interval_s,
                 max_inline_output=s.max_inline_output,
                 default_timeout_ms=s.default_timeout_ms,
+                max_timeout_ms=round(s.max_job_timeout_s * 1000),
+                executor_slots={
+                    kind: ex.capacity for kind, ex in executors.items() if ex.capacity is not None
+                },
                 max_running=s.max_running_jobs,
                 work_root=s.data_dir / "work",
             ),
@@ -188,10 +233,13 @@ class Node:
                 view=view,
                 hub=hub,
                 dispatch=dispatch,
-                policy=SubmitPolicy(balance=s.balance),
+                policy=SubmitPolicy(
+                    balance=s.balance, max_timeout_ms=round(s.max_job_timeout_s * 1000)
+                ),
+                resolve_module=functools.partial(pin, fetcher),
             ),
             peer=PeerService(peer_id=peer_id, region=s.region, worker=runner),
-            objects=FabricObjectService(fabric),
+            objects=FabricObjectService(fabric, owner_of=registry.jobs.owner),
         )
         await server.set_serving(False)
         await server.start()
@@ -223,6 +271,8 @@ class Node:
             asyncio.create_task(rebalancer.run(), name="object-rebalancer"),
             asyncio.create_task(self._queue_notifications(listener), name="queue-notify"),
         ]
+        if self._secret is not None:
+            self._tasks.append(asyncio.create_task(self._token_loop(), name="token-renewal"))
         await server.set_serving(True)
         log.info(
             "peer %s serving on %s (region %s, capabilities %s)",
@@ -244,20 +294,45 @@ class Node:
             peer_id=peer_id, address=self.address, region=s.region, version=__version__
         )
         if prune:
-            stale = await registry.capabilities.prune(peer_id, [c.name for c in s.capabilities])
+            stale = await registry.capabilities.prune(peer_id, [c.name for c in self.capabilities])
             if stale:
                 log.warning("no longer offering %s: removed from the registry", ", ".join(stale))
-        for cap in s.capabilities:
-            await registry.capabilities.register(
-                CapabilitySpec(
-                    peer_id=peer_id,
-                    region=s.region,
-                    capability=cap.name,
-                    resources=cap.resources,
-                    max_concurrency=cap.max_concurrency,
-                    executor=cap.executor_message(),
-                )
+        for spec in self._own_rows():
+            await registry.capabilities.register(spec)
+
+    def _own_rows(self) -> list[CapabilitySpec]:
+        """The registry rows this peer's capabilities should have."""
+        assert self.peer_id is not None
+        return [
+            CapabilitySpec(
+                peer_id=self.peer_id,
+                region=self.settings.region,
+                capability=cap.name,
+                resources=cap.resources,
+                max_concurrency=cap.max_concurrency,
+                executor=cap.executor_message(),
             )
+            for cap in self.capabilities
+        ]
+
+    async def _reassert(self) -> None:
+        """Restore this peer's rows where someone changed or removed them.
+
+        One read per heartbeat; a write (and the membership NOTIFY it causes)
+        only when a row differs, so a tampered row heals within a heartbeat.
+        """
+        assert self.registry is not None and self.peer_id is not None
+        found = {
+            c.capability: c for c in await self.registry.capabilities.find(peer_id=self.peer_id)
+        }
+        for spec in self._own_rows():
+            row = found.get(spec.capability)
+            if row is None or _row_differs(row, spec):
+                log.warning(
+                    "registry row of %s on this peer was changed or removed: restoring it",
+                    spec.capability,
+                )
+                await self.registry.capabilities.register(spec)
 
     def _peer_bearer(self) -> str | None:
         if self._secret is None:
@@ -290,6 +365,7 @@ class Node:
             await asyncio.sleep(self.settings.heartbeat_s)
             try:
                 await self.registry.peers.heartbeat(self.peer_id)
+                await self._reassert()
             except NotFound:
                 # The row is gone (deleted by hand, a restored database): announce
                 # this peer again, or it would never be placed on.
@@ -298,6 +374,16 @@ class Node:
                 log.warning("heartbeat failed: %s", exc)
             except Exception:
                 log.exception("heartbeat failed")
+
+    async def _token_loop(self) -> None:
+        """Keep client.token and operator.token valid while the peer runs."""
+        assert self._secret is not None
+        while True:
+            await asyncio.sleep(TOKEN_CHECK_INTERVAL_S)
+            try:
+                await asyncio.to_thread(write_local_tokens, self.settings, self._secret)
+            except (OSError, AnvilError) as exc:
+                log.warning("cannot renew the local tokens: %s", exc)
 
     async def _queue_notifications(self, listener: Listener) -> None:
         assert self.runner is not None and self.peer_id is not None
@@ -335,3 +421,12 @@ class Node:
                 await close()
             except Exception:
                 log.exception("error while shutting down")
+
+
+def _row_differs(row: Capability, spec: CapabilitySpec) -> bool:
+    return (
+        row.region != spec.region
+        or dict(row.resources) != dict(spec.resources)
+        or row.max_concurrency != spec.max_concurrency
+        or dict(row.executor) != dict(spec.executor)
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -24,23 +25,26 @@ from pathlib import Path
 from urllib.parse import quote
 
 from daemon import metrics
+from daemon.access import RESULTS_BUCKET
 from daemon.capability_config import LocalCapability
 from daemon.exceptions import AnvilError, FailedPrecondition, RegistryUnavailable, Unavailable
 from daemon.execution import ExecutionOutcome, ExecutionRequest, JobExecutor
 from daemon.jobstate import JobState
 from daemon.registry import Registry
 from daemon.registry.models import Job, Outcome
+from daemon.slots import Slots
 from daemon.storage.fabric import Fabric, count_remote_bytes
 from daemon.storage.fetcher import Fetcher
 from daemon.watch import JobEventHub
 
 log = logging.getLogger(__name__)
 
-RESULTS_BUCKET = "anvil-results"
-MAX_GUEST_MESSAGE = 2000
 # Beyond the job's timeout: compiling a module (bounded at 60 s by the WASM
 # executor) or starting a container, plus scheduling slack.
 EXECUTOR_GRACE_S = 90.0
+# Storing a successful attempt's outputs counts against its timeout, with this
+# much slack for the last few writes of a guest that used all of its time.
+UPLOAD_GRACE_S = 2.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -55,6 +59,11 @@ class RunnerOptions:
     max_running: int = 32
     # Used when neither the job nor the capability sets a timeout.
     default_timeout_ms: int = 60_000
+    # No attempt runs longer (max_job_timeout_s); a capability's timeout may lower it.
+    max_timeout_ms: int = 3_600_000
+    # Guests each executor kind runs at once (the WASM pool's workers); a job
+    # is claimed only with one of these free. A kind missing here is unbounded.
+    executor_slots: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -66,6 +75,8 @@ class _Running:
     # The attempt is over and its result is being written: the notification of
     # that very write must not be mistaken for losing the job.
     finishing: bool = False
+    # Holds one of its executor's slots (until the guest is done).
+    slot: bool = True
 
 
 async def _remove_leftovers(*paths: Path) -> None:
@@ -134,6 +145,9 @@ class Runner:
         self._options = options
         self._running: dict[uuid.UUID, _Running] = {}
         self._per_capability: dict[str, int] = dict.fromkeys(capabilities, 0)
+        self._slots = Slots(
+            options.executor_slots, {name: cap.kind for name, cap in capabilities.items()}
+        )
         self._wake = asyncio.Event()
         self._draining = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -224,6 +238,9 @@ class Runner:
                     cap.max_concurrency - self._per_capability[name],
                     self._options.max_running - len(self._running),
                 )
+                slots = self._slots.free_for(name)
+                if slots is not None:
+                    free = min(free, slots)
                 if free <= 0:
                     break
                 epoch = self._hub.epoch
@@ -238,6 +255,7 @@ class Runner:
 
     def _start(self, job: Job, cap: LocalCapability) -> None:
         self._per_capability[cap.name] += 1
+        self._slots.take(cap.name)
         metrics.JOBS_RUNNING.labels(cap.name).inc()
         task = asyncio.create_task(self._run(job, cap), name=f"job-{job.job_id}")
         entry = _Running(job=job, task=task)
@@ -247,9 +265,17 @@ class Runner:
         # (a newer attempt of the same job may already be running here).
         task.add_done_callback(lambda _: self._done(entry, cap))
 
+    def _free_slot(self, entry: _Running | None, cap: LocalCapability) -> None:
+        """Give the attempt's executor slot back (once): its guest is done."""
+        if entry is not None and entry.slot:
+            entry.slot = False
+            self._slots.give_back(cap.name)
+            self.wake()
+
     def _done(self, entry: _Running, cap: LocalCapability) -> None:
         if self._running.get(entry.job.job_id) is entry:
             del self._running[entry.job.job_id]
+        self._free_slot(entry, cap)
         self._per_capability[cap.name] -= 1
         metrics.JOBS_RUNNING.labels(cap.name).dec()
         self.wake()
@@ -389,8 +415,13 @@ class Runner:
         if executor is None:
             return Outcome(state=JobState.FAILED, error=f"no {cap.kind} executor on this peer")
         timeout_s = (
-            job.timeout_ms or cap.limits.timeout_ms or self._options.default_timeout_ms
-        ) / 1000
+            cap.timeout_ms(
+                job.timeout_ms,
+                default_ms=self._options.default_timeout_ms,
+                ceiling_ms=self._options.max_timeout_ms,
+            )
+            / 1000
+        )
         request = ExecutionRequest(
             job_id=str(job.job_id),
             capability=cap,
@@ -400,6 +431,8 @@ class Runner:
             output_dir=output_dir,
             timeout_s=timeout_s,
         )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s + UPLOAD_GRACE_S
         try:
             # The executor enforces the job's own deadline; this outer bound is
             # for the executor itself (no worker could be started, an image
@@ -412,7 +445,22 @@ class Runner:
                 error=f"the {cap.kind} executor on this peer did not finish the job within "
                 f"{timeout_s + EXECUTOR_GRACE_S:g} s (job timeout {timeout_s:g} s)",
             )
-        return await self._persist(job, result, workdir, output_dir, bytes_fetched_remote=remote[0])
+        finally:
+            entry = self._running.get(job.job_id)
+            self._free_slot(entry if entry and entry.job.attempt == job.attempt else None, cap)
+        try:
+            async with asyncio.timeout_at(max(deadline, loop.time())):
+                return await self._persist(
+                    job, result, workdir, output_dir, bytes_fetched_remote=remote[0]
+                )
+        except TimeoutError:
+            return Outcome(
+                state=JobState.TIMED_OUT,
+                error=f"storing the job's outputs did not finish within its timeout of "
+                f"{timeout_s:g} s",
+                exit_code=result.exit_code,
+                bytes_fetched_remote=remote[0],
+            )
 
     async def _module(self, cap: LocalCapability, workdir: Path) -> Path:
         if _fetched_module(cap):
@@ -438,33 +486,33 @@ class Runner:
         """Store large stdout and /output files as objects; small stdout stays inline.
 
         Objects go to the HRW owner of their key, like every object in the fabric.
+        Nothing of an attempt that did not succeed is stored: its stdout is kept
+        inline up to max_inline_output, its files are dropped with its folder.
         """
         refs: list[str] = []
         prefix = f"{job.job_id}/{job.attempt}"
         output: bytes | None = result.stdout
-        files = [
-            (path, f"{prefix}/output/{_output_name(path, output_dir)}")
-            for path in result.output_files
-        ]
-        if len(result.stdout) > self._options.max_inline_output:
-            spilled = workdir / "stdout"
-            await asyncio.to_thread(_write_new, spilled, result.stdout)
-            files.insert(0, (spilled, f"{prefix}/stdout"))
-            output = None
+        if result.state is not JobState.SUCCEEDED:
+            output = result.stdout[-self._options.max_inline_output :] or None
+            files = []
+        else:
+            files = [
+                (path, f"{prefix}/output/{_output_name(path, output_dir)}")
+                for path in result.output_files
+            ]
+            if len(result.stdout) > self._options.max_inline_output:
+                spilled = workdir / "stdout"
+                await asyncio.to_thread(_write_new, spilled, result.stdout)
+                files.insert(0, (spilled, f"{prefix}/stdout"))
+                output = None
         for path, key in files:
             info = await self._fabric.put_file(path, bucket=RESULTS_BUCKET, key=key)
             refs.append(f"anvil://{RESULTS_BUCKET}/{quote(key)}?sha256={info.sha256}")
-        error = result.error
-        if result.state is not JobState.SUCCEEDED and result.stderr.strip():
-            # The guest's own message (its last stderr lines) is what a user can
-            # act on; the executor's reason says how it ended.
-            said = result.stderr.decode("utf-8", "replace").strip()[-MAX_GUEST_MESSAGE:]
-            error = f"{error}: {said}" if error else said
         return Outcome(
             state=result.state,
             output=output,
             output_refs=tuple(refs),
-            error=error,
+            error=result.error,
             exit_code=result.exit_code,
             bytes_fetched_remote=bytes_fetched_remote,
         )

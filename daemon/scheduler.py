@@ -28,6 +28,8 @@ class Candidate:
     address: str
     max_concurrency: int
     resources: Mapping[str, str]
+    # The capability's registered per-run timeout on this peer (0: none).
+    timeout_ms: int = 0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -63,6 +65,7 @@ def capable(
             address=c.peer_address or "",
             max_concurrency=c.max_concurrency,
             resources=c.resources,
+            timeout_ms=c.timeout_ms,
         )
         for c in capabilities
         if c.peer_live and c.region == region and satisfies(c.resources, resources)
@@ -87,6 +90,11 @@ class CandidateSet:
 
     def __len__(self) -> int:
         return len(self.candidates)
+
+    def timeout_ceiling_ms(self) -> int:
+        """The lowest timeout any candidate registered (0: none did): a job asking for
+        more could land where it is not allowed."""
+        return min((c.timeout_ms for c in self.candidates if c.timeout_ms), default=0)
 
     def bump(self, peer_id: uuid.UUID) -> None:
         """One more job placed on `peer_id` since the loads were read."""

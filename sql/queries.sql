@@ -44,6 +44,25 @@ WHERE (%(capability)s::text IS NULL OR c.capability = %(capability)s)
   AND (%(peer_id)s::uuid IS NULL OR c.peer_id = %(peer_id)s)
 ORDER BY c.capability, c.peer_id;
 
+-- name: list_capabilities_page
+-- One page of ListCapabilities, in (capability, peer_id) order after the last
+-- row of the previous page (keyset paging: no row is skipped or repeated when
+-- rows come and go between pages).
+SELECT c.peer_id, c.region, c.capability, c.resources, c.max_concurrency,
+       e.executor, p.address,
+       (p.state = 'up' AND p.heartbeat_at > clock_timestamp() - %(ttl)s) AS peer_live
+FROM compute_capabilities c
+LEFT JOIN capability_executors e USING (peer_id, capability)
+LEFT JOIN peers p USING (peer_id)
+WHERE (%(capability)s::text IS NULL OR c.capability = %(capability)s)
+  AND (%(region)s::text IS NULL OR c.region = %(region)s)
+  AND (NOT %(live_only)s
+       OR (p.state = 'up' AND p.heartbeat_at > clock_timestamp() - %(ttl)s))
+  AND (%(after_capability)s::text IS NULL
+       OR (c.capability, c.peer_id) > (%(after_capability)s, %(after_peer_id)s::uuid))
+ORDER BY c.capability, c.peer_id
+LIMIT %(limit)s;
+
 -- name: upsert_peer
 INSERT INTO peers (peer_id, address, region, state, version, started_at, heartbeat_at)
 VALUES (%(peer_id)s, %(address)s, %(region)s, 'up', %(version)s, now(), now())
@@ -128,6 +147,10 @@ WHERE job_id IN (
 
 -- name: get_job
 SELECT * FROM jobs WHERE job_id = %(job_id)s;
+
+-- name: get_job_owner
+-- Whose job it is, without reading its (possibly large) output.
+SELECT submitted_by FROM jobs WHERE job_id = %(job_id)s;
 
 -- name: assign_job
 -- Place (or re-place) a queued job: compare-and-set on its current placement,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 from daemon.config import Settings
 from daemon.exceptions import AnvilError
@@ -32,6 +33,11 @@ class WasmJobExecutor:
         )
         await executor.start()
         return cls(executor)
+
+    @property
+    def capacity(self) -> int:
+        """One guest per worker process."""
+        return self.executor.pool.settings.workers
 
     async def close(self) -> None:
         await self.executor.close()
@@ -72,20 +78,27 @@ def job_limits(defaults: Limits, *, fuel: int, memory_mib: int, timeout_s: float
 
 
 def outcome_of(result: ExecutionResult) -> ExecutionOutcome:
-    """Map an executor result to a job state and the error a submitter sees.
+    """Map an executor result to a job state and the error a submitter sees: the one
+    place that words a guest's end.
 
     A guest that exits non-zero explains itself on stderr (guest_modules/GUIDE.md):
-    that text is the error. Any other failure is explained by the sandbox.
+    that text is the error. Any other failure is explained by the sandbox, followed
+    by what the guest last said. The guest's words keep their last
+    MAX_GUEST_MESSAGE characters, control characters escaped (a NUL cannot be
+    stored, and a terminal escape must not reach an operator's screen).
     """
+    error = ""
     if result.succeeded:
-        state, error = JobState.SUCCEEDED, ""
-    elif result.outcome is Outcome.TIMED_OUT:
-        state, error = JobState.TIMED_OUT, result.message
+        state = JobState.SUCCEEDED
     else:
-        state, error = JobState.FAILED, result.message
-        guest_says = result.stderr.decode("utf-8", "replace").strip()
-        if result.outcome is Outcome.NONZERO_EXIT and guest_says:
-            error = guest_says[-2000:]
+        state = JobState.TIMED_OUT if result.outcome is Outcome.TIMED_OUT else JobState.FAILED
+        said = guest_words(result.stderr)
+        if result.outcome is Outcome.NONZERO_EXIT and said:
+            error = said
+        elif said:
+            error = f"{result.message}: {said}"
+        else:
+            error = result.message
     return ExecutionOutcome(
         state=state,
         stdout=result.stdout,
@@ -94,3 +107,13 @@ def outcome_of(result: ExecutionResult) -> ExecutionOutcome:
         error=error,
         output_files=tuple(f.path for f in result.outputs),
     )
+
+
+MAX_GUEST_MESSAGE = 2000
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def guest_words(stderr: bytes) -> str:
+    """The tail of what a guest wrote to stderr, fit to show and store."""
+    text = stderr.decode("utf-8", "replace").strip()[-MAX_GUEST_MESSAGE:]
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)

@@ -53,6 +53,11 @@ class PodmanJobExecutor:
         await executor.start()
         return cls(executor, fetcher=fetcher)
 
+    @property
+    def capacity(self) -> None:
+        """Containers are bounded by the runner's max_running_jobs, not here."""
+        return None
+
     async def close(self) -> None:
         await self.executor.close()
 

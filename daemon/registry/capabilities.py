@@ -69,6 +69,31 @@ class CapabilityStore:
             async with self._pool.connection() as conn:
                 await conn.execute(queries.get("delete_peer_capabilities"), {"peer_id": peer_id})
 
+    async def page(
+        self,
+        *,
+        capability: str | None,
+        region: str | None,
+        live_only: bool,
+        after: tuple[str, uuid.UUID] | None,
+        limit: int,
+    ) -> list[Capability]:
+        """Up to `limit` rows in (capability, peer) order after `after` (keyset paging)."""
+        params: dict[str, Any] = {
+            "capability": capability or None,
+            "region": region or None,
+            "live_only": live_only,
+            "ttl": self._peer_ttl,
+            "after_capability": after[0] if after else None,
+            "after_peer_id": after[1] if after else None,
+            "limit": limit,
+        }
+        with translate_errors():
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(queries.get("list_capabilities_page"), params)
+                rows = await cur.fetchall()
+        return [Capability.from_row(row) for row in rows]
+
     async def find(
         self,
         *,

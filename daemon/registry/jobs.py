@@ -159,6 +159,11 @@ class JobStore:
             raise JobNotFound(f"job {job_id} not found")
         return Job.from_row(row)
 
+    async def owner(self, job_id: uuid.UUID) -> str | None:
+        """The tenant that submitted the job (its `submitted_by`); None if there is none."""
+        row = await self._one("get_job_owner", {"job_id": job_id})
+        return None if row is None else str(row["submitted_by"])
+
     async def assign(
         self, job_id: uuid.UUID, peer_id: uuid.UUID | None, *, from_peer_id: uuid.UUID | None
     ) -> Job:

@@ -28,6 +28,15 @@ MAX_LOCALITY_KEY = 1024
 MAX_TIMEOUT_MS = 7 * 24 * 3600 * 1000
 DEFAULT_MAX_ATTEMPTS = 3
 MAX_ATTEMPTS_LIMIT = 100
+# A registered executor description, as stored (JSON): a module ref or an
+# image, a command, limits. Bounded so that no registration can make a
+# ListCapabilities page too large to send.
+MAX_EXECUTOR_BYTES = 16 * 1024
+MAX_MODULE_REF = 2048
+MAX_IMAGE_REF = 1024
+MAX_COMMAND_ARGS = 64
+MAX_COMMAND_ARG = 4096
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def parse_uuid(value: str | uuid.UUID, *, field_name: str) -> uuid.UUID:
@@ -57,6 +66,40 @@ def validate_region(region: str) -> str:
     return region
 
 
+def validate_executor(executor: Mapping[str, Any]) -> dict[str, Any]:
+    """A plain copy of a registered executor description; raise InvalidArgument naming
+    the bad field. Empty is allowed (a row registered without one)."""
+    executor = dict(executor)
+    if len(json.dumps(executor, separators=(",", ":"))) > MAX_EXECUTOR_BYTES:
+        raise InvalidArgument(f"executor description larger than {MAX_EXECUTOR_BYTES} bytes")
+    kinds = [k for k in ("wasm", "podman") if k in executor]
+    if len(kinds) > 1:
+        raise InvalidArgument("executor: set one of wasm or podman")
+    wasm = executor.get("wasm")
+    if isinstance(wasm, Mapping):
+        ref = str(wasm.get("module_ref", ""))
+        if not ref or len(ref) > MAX_MODULE_REF:
+            raise InvalidArgument(
+                f"executor.wasm.module_ref must be 1..{MAX_MODULE_REF} characters"
+            )
+        digest = str(wasm.get("module_sha256", ""))
+        if digest and not _SHA256_HEX.fullmatch(digest):
+            raise InvalidArgument("executor.wasm.module_sha256 must be 64 lowercase hex digits")
+    podman = executor.get("podman")
+    if isinstance(podman, Mapping):
+        image = str(podman.get("image", ""))
+        if not image or len(image) > MAX_IMAGE_REF:
+            raise InvalidArgument(f"executor.podman.image must be 1..{MAX_IMAGE_REF} characters")
+        command = podman.get("command", [])
+        if not isinstance(command, list) or len(command) > MAX_COMMAND_ARGS:
+            raise InvalidArgument(f"executor.podman.command: at most {MAX_COMMAND_ARGS} arguments")
+        if any(not isinstance(a, str) or len(a) > MAX_COMMAND_ARG for a in command):
+            raise InvalidArgument(
+                f"executor.podman.command: arguments of at most {MAX_COMMAND_ARG} characters"
+            )
+    return executor
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class CapabilitySpec:
     """What a peer registers: validated on construction."""
@@ -76,6 +119,7 @@ class CapabilitySpec:
                 f"max_concurrency must be between 1 and 100000, got {self.max_concurrency}"
             )
         object.__setattr__(self, "resources", resources_mod.validate(self.resources))
+        object.__setattr__(self, "executor", validate_executor(self.executor))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -88,6 +132,19 @@ class Capability:
     executor: Mapping[str, Any]
     peer_address: str | None = None
     peer_live: bool = False
+
+    @property
+    def timeout_ms(self) -> int:
+        """The registered per-run timeout (0: none): a job may only lower it."""
+        for body in self.executor.values():
+            if isinstance(body, Mapping):
+                limits = body.get("limits")
+                if isinstance(limits, Mapping):
+                    try:
+                        return int(limits.get("timeout_ms", 0))
+                    except (TypeError, ValueError):
+                        return 0
+        return 0
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Capability:

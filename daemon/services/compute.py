@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -10,9 +13,15 @@ from typing import Any
 
 from grpc import aio
 
-from daemon import auth, convert, metrics
-from daemon.exceptions import DeadlineExceeded, InvalidArgument, NoCapablePeer
+from daemon import access, auth, convert, metrics
+from daemon.exceptions import (
+    DeadlineExceeded,
+    InvalidArgument,
+    NoCapablePeer,
+)
+from daemon.executors.podman import check_image_ref
 from daemon.membership import MembershipView
+from daemon.modules import Resolver, pin_module
 from daemon.pb.anvil import compute_pb2, compute_pb2_grpc
 from daemon.registry import Registry
 from daemon.registry.models import (
@@ -30,11 +39,15 @@ Context = aio.ServicerContext[Any, Any]
 # A watch re-reads its job at least this often, in case a notification was lost.
 WATCH_BACKSTOP_S = 5.0
 MIN_SUBMIT_BUDGET_S = 0.005
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SubmitPolicy:
     balance: float = 1.25
+    # The operator's ceiling on any job's timeout (max_job_timeout_s); 0: none.
+    max_timeout_ms: int = 0
 
 
 class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
@@ -46,6 +59,7 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
         hub: JobEventHub,
         dispatch: Callable[[uuid.UUID, str, uuid.UUID], None],
         policy: SubmitPolicy,
+        resolve_module: Resolver,
     ) -> None:
         self._registry = registry
         self._view = view
@@ -53,41 +67,89 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
         # dispatch(peer_id, address, job_id): wake the chosen peer (local or remote).
         self._dispatch = dispatch
         self._policy = policy
+        # Pins a module ref to the version and sha256 its object has now.
+        self._resolve_module = resolve_module
+
+    async def _visible_job(self, job_id: uuid.UUID) -> Job:
+        """The job, if the caller may see it; raises JobNotFound otherwise."""
+        job = self._hub.recent(job_id) or await self._registry.jobs.get(job_id)
+        return access.visible_job(auth.current_claims.get(), job)
 
     async def RegisterCapability(
         self, request: compute_pb2.RegisterCapabilityRequest, context: Context
     ) -> compute_pb2.RegisterCapabilityResponse:
+        peer_id = parse_uuid(request.peer_id, field_name="peer_id")
+        access.check_register(auth.current_claims.get(), peer_id)
+        executor = convert.executor_to_dict(request.executor)
+        # Validated (sizes, names) before anything is looked up or written.
         spec = CapabilitySpec(
-            peer_id=parse_uuid(request.peer_id, field_name="peer_id"),
+            peer_id=peer_id,
             region=request.region,
             capability=request.capability,
             resources=dict(request.resources),
             max_concurrency=request.max_concurrency or 1,
-            executor=convert.executor_to_dict(request.executor),
+            executor=executor,
         )
-        cap = await self._registry.capabilities.register(spec)
+        await self._registry.peers.get(peer_id)  # NotFound: no such peer
+        pinned = await self._pinned_executor(executor)
+        cap = await self._registry.capabilities.register(
+            CapabilitySpec(
+                peer_id=spec.peer_id,
+                region=spec.region,
+                capability=spec.capability,
+                resources=spec.resources,
+                max_concurrency=spec.max_concurrency,
+                executor=pinned,
+            )
+        )
         self._view.request_refresh()
         return compute_pb2.RegisterCapabilityResponse(capability=convert.capability_message(cap))
+
+    async def _pinned_executor(self, executor: dict[str, Any]) -> dict[str, Any]:
+        """The executor with its WASM module pinned by sha256 (resolved now when not
+        given) and its image checked to be pinned by digest. Raises InvalidArgument,
+        FailedPrecondition, NotFound."""
+        if "podman" in executor:
+            check_image_ref(str(executor["podman"].get("image", "")))
+            return executor
+        wasm = executor.get("wasm")
+        if not isinstance(wasm, dict):
+            raise InvalidArgument("executor: set wasm (a module) or podman (an image)")
+        ref, digest = await pin_module(
+            str(wasm.get("module_ref", "")),
+            str(wasm.get("module_sha256", "")),
+            resolve=self._resolve_module,
+            own_config=False,
+        )
+        return {**executor, "wasm": {**wasm, "module_ref": ref, "module_sha256": digest}}
 
     async def DeregisterCapability(
         self, request: compute_pb2.DeregisterCapabilityRequest, context: Context
     ) -> compute_pb2.DeregisterCapabilityResponse:
-        await self._registry.capabilities.deregister(
-            parse_uuid(request.peer_id, field_name="peer_id"), request.capability
-        )
+        peer_id = parse_uuid(request.peer_id, field_name="peer_id")
+        access.check_register(auth.current_claims.get(), peer_id)
+        await self._registry.capabilities.deregister(peer_id, request.capability)
         self._view.request_refresh()
         return compute_pb2.DeregisterCapabilityResponse()
 
     async def ListCapabilities(
         self, request: compute_pb2.ListCapabilitiesRequest, context: Context
     ) -> compute_pb2.ListCapabilitiesResponse:
-        found = await self._registry.capabilities.find(
+        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+            raise InvalidArgument(f"page_size must be between 0 and {MAX_PAGE_SIZE}")
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        found = await self._registry.capabilities.page(
             capability=request.capability or None,
             region=request.region or None,
             live_only=request.live_only,
+            after=_page_position(request.page_token),
+            limit=size + 1,  # one more tells whether another page follows
         )
+        more = len(found) > size
+        found = found[:size]
         return compute_pb2.ListCapabilitiesResponse(
-            capabilities=[convert.capability_message(c) for c in found]
+            capabilities=[convert.capability_message(c) for c in found],
+            next_page_token=_page_token(found[-1].capability, found[-1].peer_id) if more else "",
         )
 
     async def SubmitJob(
@@ -105,6 +167,12 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
         for ref in request.inputs:
             parse_ref(ref)  # a malformed ref is refused before anything is written
         claims = auth.current_claims.get()
+        access.check_submit(claims, request.capability)
+        if self._policy.max_timeout_ms and request.timeout_ms > self._policy.max_timeout_ms:
+            raise InvalidArgument(
+                f"timeout_ms {request.timeout_ms} is over this fabric's ceiling of "
+                f"{self._policy.max_timeout_ms} ms (max_job_timeout_s)"
+            )
         spec = JobSpec(
             capability=request.capability,
             region=request.region,
@@ -115,7 +183,7 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
             locality_key=request.locality_key,
             idempotency_key=request.idempotency_key or None,
             max_attempts=request.max_attempts or DEFAULT_MAX_ATTEMPTS,
-            submitted_by=claims.sub if claims else "",
+            submitted_by=access.tenant_of(claims),
         )
         if spec.idempotency_key is not None:
             # A retry of a submission that was recorded answers with that job even
@@ -123,10 +191,18 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
             earlier = await self._registry.jobs.find_idempotent(spec)
             if earlier is not None:
                 return _submitted(earlier.job, existing=True)
+        # The guest reads its inputs with its peer's rights: the caller must hold them.
+        await access.check_inputs(claims, spec.inputs, self._registry.jobs.owner)
         key = locality_key(explicit=spec.locality_key, inputs=spec.inputs, job_id=job_id)
         candidates = self._view.candidates(spec.capability, spec.region, spec.resources)
         if not len(candidates):
             raise NoCapablePeer(_no_peer_reason(spec))
+        ceiling = candidates.timeout_ceiling_ms()
+        if ceiling and spec.timeout_ms > ceiling:
+            raise InvalidArgument(
+                f"timeout_ms {spec.timeout_ms} is over the {ceiling} ms that capability "
+                f"{spec.capability!r} allows: a job may only lower its capability's timeout"
+            )
         placement = candidates.place(
             key, self._view.loads, c=self._policy.balance, loads_version=self._view.loads_version
         )
@@ -149,7 +225,7 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
         self, request: compute_pb2.GetJobStatusRequest, context: Context
     ) -> compute_pb2.GetJobStatusResponse:
         job = await self._registry.jobs.get(parse_uuid(request.job_id, field_name="job_id"))
-        return convert.job_status(job)
+        return convert.job_status(access.visible_job(auth.current_claims.get(), job))
 
     async def CancelJob(
         self, request: compute_pb2.CancelJobRequest, context: Context
@@ -157,6 +233,8 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
         job_id = parse_uuid(request.job_id, field_name="job_id")
         if len(request.reason) > 1024:
             raise InvalidArgument("reason longer than 1024 characters")
+        # The owner never changes, so checking it before the cancel is no race.
+        await self._visible_job(job_id)
         job = await self._registry.jobs.cancel(job_id, reason=request.reason or "cancelled")
         return compute_pb2.CancelJobResponse(state=convert.JOB_STATE_TO_PROTO[job.state])  # type: ignore[arg-type]
 
@@ -167,7 +245,7 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
         last: tuple[Any, ...] | None = None
         # Subscribe before the first look, so no change can slip in between.
         async with self._hub.watch(job_id) as watch:
-            job = self._hub.recent(job_id) or await self._registry.jobs.get(job_id)
+            job = await self._visible_job(job_id)
             while True:
                 seen = (job.state, job.attempt, job.peer_id)
                 if seen != last:
@@ -190,6 +268,21 @@ def _submitted(job: Job, *, existing: bool) -> compute_pb2.SubmitJobResponse:
         peer_id=str(job.peer_id) if job.peer_id else "",
         existing=existing,
     )
+
+
+def _page_token(capability: str, peer_id: uuid.UUID) -> str:
+    """Where the next page starts: opaque to clients, just the last row's key."""
+    return base64.urlsafe_b64encode(json.dumps([capability, str(peer_id)]).encode()).decode()
+
+
+def _page_position(token: str) -> tuple[str, uuid.UUID] | None:
+    if not token:
+        return None
+    try:
+        capability, peer = json.loads(base64.urlsafe_b64decode(token.encode()))
+        return str(capability), uuid.UUID(peer)
+    except (ValueError, TypeError, binascii.Error) as exc:
+        raise InvalidArgument("page_token is not one this service gave out") from exc
 
 
 def _no_peer_reason(spec: JobSpec) -> str:

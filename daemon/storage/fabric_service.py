@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+from daemon import access, auth
 from daemon.exceptions import InvalidArgument, ObjectNotFound
 from daemon.pb.anvil import object_pb2
 from daemon.storage.fabric import FORWARDED_HEADER, Fabric
@@ -45,9 +46,13 @@ def _ref(bucket: str, key: str, version: str | None) -> ObjectRef:
 
 
 class FabricObjectService(ObjectServiceServicer):
-    def __init__(self, fabric: Fabric) -> None:
+    """The ObjectService a peer serves: who may read and write what is decided in
+    daemon/access.py (`owner_of` tells whose job a result object belongs to)."""
+
+    def __init__(self, fabric: Fabric, *, owner_of: access.OwnerLookup) -> None:
         super().__init__(fabric.store)
         self.fabric = fabric
+        self._owner_of = owner_of
 
     async def PutObject(  # noqa: N802 - gRPC method name
         self, request_iterator: AsyncIterator[object_pb2.PutObjectRequest], context: Context
@@ -57,6 +62,8 @@ class FabricObjectService(ObjectServiceServicer):
         if first is None:
             return await super().PutObject(_empty(), context)
         meta = first.metadata
+        if first.WhichOneof("data") == "metadata":
+            access.check_write(auth.current_claims.get(), meta.bucket_name, meta.object_key)
         if (
             _forwarded(context)
             or first.WhichOneof("data") != "metadata"
@@ -88,6 +95,9 @@ class FabricObjectService(ObjectServiceServicer):
     async def GetObject(  # noqa: N802 - gRPC method name
         self, request: object_pb2.GetObjectRequest, context: Context
     ) -> AsyncIterator[object_pb2.GetObjectResponse]:
+        await access.check_read(
+            auth.current_claims.get(), request.bucket_name, request.object_key, self._owner_of
+        )
         version = request.version_id if request.HasField("version_id") else None
         ref = _ref(request.bucket_name, request.object_key, version)
         # Served straight from this peer's store (with its own corruption
@@ -107,6 +117,9 @@ class FabricObjectService(ObjectServiceServicer):
     async def HeadObject(  # noqa: N802 - gRPC method name
         self, request: object_pb2.HeadObjectRequest, context: Context
     ) -> object_pb2.HeadObjectResponse:
+        await access.check_read(
+            auth.current_claims.get(), request.bucket_name, request.object_key, self._owner_of
+        )
         version = request.version_id if request.HasField("version_id") else None
         if _forwarded(context):
             return await super().HeadObject(request, context)

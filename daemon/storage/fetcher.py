@@ -9,6 +9,7 @@ import functools
 import os
 import secrets
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 from daemon import metrics
@@ -115,3 +116,18 @@ def _link_or_copy_sync(src: Path, dest: Path) -> None:
             out.commit(dest)
         return
     os.replace(temp, dest)
+
+
+async def pin(fetcher: Fetcher, ref: ObjectRef | str) -> ObjectRef:
+    """`ref` with the version and sha256 its object has now, so later reads get these
+    bytes or fail. A ref that carries a digest already is returned as it is.
+
+    Raises ObjectNotFound, Unavailable, FailedPrecondition (no backend), InvalidArgument.
+    """
+    ref = parse_ref(ref) if isinstance(ref, str) else ref
+    if ref.sha256 is not None:
+        return ref
+    info = await fetcher._source(ref).head(ref)
+    if not info.sha256:
+        raise FailedPrecondition(f"{ref} has no sha256 to pin it by")
+    return replace(ref, version=ref.version or info.version_id or None).with_sha256(info.sha256)

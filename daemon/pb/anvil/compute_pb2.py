@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x61nvil/compute.proto\x12\x05\x61nvil\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9c\x01\n\x0eResourceLimits\x12\x0c\n\x04\x66uel\x18\x01 \x01(\x04\x12\x12\n\nmemory_mib\x18\x02 \x01(\r\x12\x12\n\ntimeout_ms\x18\x03 \x01(\x04\x12\x12\n\ncpu_millis\x18\x04 \x01(\r\x12\x0c\n\x04pids\x18\x05 \x01(\r\x12\x18\n\x10max_stdout_bytes\x18\x06 \x01(\x04\x12\x18\n\x10max_stderr_bytes\x18\x07 \x01(\x04\"`\n\x0cWasmExecutor\x12\x12\n\nmodule_ref\x18\x01 \x01(\t\x12\x15\n\rmodule_sha256\x18\x02 \x01(\t\x12%\n\x06limits\x18\x03 \x01(\x0b\x32\x15.anvil.ResourceLimits\"W\n\x0ePodmanExecutor\x12\r\n\x05image\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x03(\t\x12%\n\x06limits\x18\x03 \x01(\x0b\x32\x15.anvil.ResourceLimits\"`\n\x08\x45xecutor\x12#\n\x04wasm\x18\x01 \x01(\x0b\x32\x13.anvil.WasmExecutorH\x00\x12\'\n\x06podman\x18\x02 \x01(\x0b\x32\x15.anvil.PodmanExecutorH\x00\x42\x06\n\x04kind\"\xf7\x01\n\nCapability\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x12\n\ncapability\x18\x03 \x01(\t\x12\x33\n\tresources\x18\x04 \x03(\x0b\x32 .anvil.Capability.ResourcesEntry\x12\x17\n\x0fmax_concurrency\x18\x05 \x01(\x05\x12!\n\x08\x65xecutor\x18\x06 \x01(\x0b\x32\x0f.anvil.Executor\x12\x11\n\tpeer_live\x18\x07 \x01(\x08\x1a\x30\n\x0eResourcesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x82\x02\n\x19RegisterCapabilityRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x12\n\ncapability\x18\x03 \x01(\t\x12\x42\n\tresources\x18\x04 \x03(\x0b\x32/.anvil.RegisterCapabilityRequest.ResourcesEntry\x12\x17\n\x0fmax_concurrency\x18\x05 \x01(\x05\x12!\n\x08\x65xecutor\x18\x06 \x01(\x0b\x32\x0f.anvil.Executor\x1a\x30\n\x0eResourcesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"C\n\x1aRegisterCapabilityResponse\x12%\n\ncapability\x18\x01 \x01(\x0b\x32\x11.anvil.Capability\"B\n\x1b\x44\x65registerCapabilityRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x12\n\ncapability\x18\x02 \x01(\t\"\x1e\n\x1c\x44\x65registerCapabilityResponse\"P\n\x17ListCapabilitiesRequest\x12\x12\n\ncapability\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x11\n\tlive_only\x18\x03 \x01(\x08\"C\n\x18ListCapabilitiesResponse\x12\'\n\x0c\x63\x61pabilities\x18\x01 \x03(\x0b\x32\x11.anvil.Capability\"\xf0\x02\n\x10SubmitJobRequest\x12\x12\n\ncapability\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x0e\n\x06inputs\x18\x03 \x03(\t\x12\x33\n\x06params\x18\x04 \x03(\x0b\x32#.anvil.SubmitJobRequest.ParamsEntry\x12\x14\n\x0clocality_key\x18\x05 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12\x12\n\ntimeout_ms\x18\x07 \x01(\x04\x12\x39\n\tresources\x18\x08 \x03(\x0b\x32&.anvil.SubmitJobRequest.ResourcesEntry\x12\x14\n\x0cmax_attempts\x18\t \x01(\r\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x30\n\x0eResourcesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"F\n\x11SubmitJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07peer_id\x18\x02 \x01(\t\x12\x10\n\x08\x65xisting\x18\x03 \x01(\x08\"%\n\x13GetJobStatusRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xad\x03\n\x14GetJobStatusResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1e\n\x05state\x18\x02 \x01(\x0e\x32\x0f.anvil.JobState\x12\x0f\n\x07peer_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\x0e\n\x06output\x18\x05 \x01(\x0c\x12\x13\n\x0boutput_refs\x18\x06 \x03(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x16\n\texit_code\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12\x30\n\x0csubmitted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncapability\x18\x0c \x01(\t\x12\x0e\n\x06region\x18\r \x01(\t\x12\x14\n\x0cmax_attempts\x18\x0e \x01(\r\x12\x1c\n\x14\x62ytes_fetched_remote\x18\x0f \x01(\x04\x42\x0c\n\n_exit_code\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"3\n\x11\x43\x61ncelJobResponse\x12\x1e\n\x05state\x18\x01 \x01(\x0e\x32\x0f.anvil.JobState\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"?\n\x10WatchJobResponse\x12+\n\x06status\x18\x01 \x01(\x0b\x32\x1b.anvil.GetJobStatusResponse\"2\n\x0f\x44ispatchRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\"$\n\x10\x44ispatchResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"#\n\x10HeartbeatRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\"m\n\x11HeartbeatResponse\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x14\n\x0crunning_jobs\x18\x03 \x01(\r\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12\x0f\n\x07version\x18\x05 \x01(\t*\xb3\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_TIMED_OUT\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06\x32\xa9\x04\n\x0e\x43omputeService\x12Y\n\x12RegisterCapability\x12 .anvil.RegisterCapabilityRequest\x1a!.anvil.RegisterCapabilityResponse\x12_\n\x14\x44\x65registerCapability\x12\".anvil.DeregisterCapabilityRequest\x1a#.anvil.DeregisterCapabilityResponse\x12S\n\x10ListCapabilities\x12\x1e.anvil.ListCapabilitiesRequest\x1a\x1f.anvil.ListCapabilitiesResponse\x12>\n\tSubmitJob\x12\x17.anvil.SubmitJobRequest\x1a\x18.anvil.SubmitJobResponse\x12G\n\x0cGetJobStatus\x12\x1a.anvil.GetJobStatusRequest\x1a\x1b.anvil.GetJobStatusResponse\x12>\n\tCancelJob\x12\x17.anvil.CancelJobRequest\x1a\x18.anvil.CancelJobResponse\x12=\n\x08WatchJob\x12\x16.anvil.WatchJobRequest\x1a\x17.anvil.WatchJobResponse0\x01\x32\x8a\x01\n\x0bPeerService\x12;\n\x08\x44ispatch\x12\x16.anvil.DispatchRequest\x1a\x17.anvil.DispatchResponse\x12>\n\tHeartbeat\x12\x17.anvil.HeartbeatRequest\x1a\x18.anvil.HeartbeatResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x61nvil/compute.proto\x12\x05\x61nvil\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9c\x01\n\x0eResourceLimits\x12\x0c\n\x04\x66uel\x18\x01 \x01(\x04\x12\x12\n\nmemory_mib\x18\x02 \x01(\r\x12\x12\n\ntimeout_ms\x18\x03 \x01(\x04\x12\x12\n\ncpu_millis\x18\x04 \x01(\r\x12\x0c\n\x04pids\x18\x05 \x01(\r\x12\x18\n\x10max_stdout_bytes\x18\x06 \x01(\x04\x12\x18\n\x10max_stderr_bytes\x18\x07 \x01(\x04\"`\n\x0cWasmExecutor\x12\x12\n\nmodule_ref\x18\x01 \x01(\t\x12\x15\n\rmodule_sha256\x18\x02 \x01(\t\x12%\n\x06limits\x18\x03 \x01(\x0b\x32\x15.anvil.ResourceLimits\"W\n\x0ePodmanExecutor\x12\r\n\x05image\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x03(\t\x12%\n\x06limits\x18\x03 \x01(\x0b\x32\x15.anvil.ResourceLimits\"`\n\x08\x45xecutor\x12#\n\x04wasm\x18\x01 \x01(\x0b\x32\x13.anvil.WasmExecutorH\x00\x12\'\n\x06podman\x18\x02 \x01(\x0b\x32\x15.anvil.PodmanExecutorH\x00\x42\x06\n\x04kind\"\xf7\x01\n\nCapability\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x12\n\ncapability\x18\x03 \x01(\t\x12\x33\n\tresources\x18\x04 \x03(\x0b\x32 .anvil.Capability.ResourcesEntry\x12\x17\n\x0fmax_concurrency\x18\x05 \x01(\x05\x12!\n\x08\x65xecutor\x18\x06 \x01(\x0b\x32\x0f.anvil.Executor\x12\x11\n\tpeer_live\x18\x07 \x01(\x08\x1a\x30\n\x0eResourcesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x82\x02\n\x19RegisterCapabilityRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x12\n\ncapability\x18\x03 \x01(\t\x12\x42\n\tresources\x18\x04 \x03(\x0b\x32/.anvil.RegisterCapabilityRequest.ResourcesEntry\x12\x17\n\x0fmax_concurrency\x18\x05 \x01(\x05\x12!\n\x08\x65xecutor\x18\x06 \x01(\x0b\x32\x0f.anvil.Executor\x1a\x30\n\x0eResourcesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"C\n\x1aRegisterCapabilityResponse\x12%\n\ncapability\x18\x01 \x01(\x0b\x32\x11.anvil.Capability\"B\n\x1b\x44\x65registerCapabilityRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x12\n\ncapability\x18\x02 \x01(\t\"\x1e\n\x1c\x44\x65registerCapabilityResponse\"w\n\x17ListCapabilitiesRequest\x12\x12\n\ncapability\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x11\n\tlive_only\x18\x03 \x01(\x08\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"\\\n\x18ListCapabilitiesResponse\x12\'\n\x0c\x63\x61pabilities\x18\x01 \x03(\x0b\x32\x11.anvil.Capability\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xf0\x02\n\x10SubmitJobRequest\x12\x12\n\ncapability\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x0e\n\x06inputs\x18\x03 \x03(\t\x12\x33\n\x06params\x18\x04 \x03(\x0b\x32#.anvil.SubmitJobRequest.ParamsEntry\x12\x14\n\x0clocality_key\x18\x05 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12\x12\n\ntimeout_ms\x18\x07 \x01(\x04\x12\x39\n\tresources\x18\x08 \x03(\x0b\x32&.anvil.SubmitJobRequest.ResourcesEntry\x12\x14\n\x0cmax_attempts\x18\t \x01(\r\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x30\n\x0eResourcesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"F\n\x11SubmitJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07peer_id\x18\x02 \x01(\t\x12\x10\n\x08\x65xisting\x18\x03 \x01(\x08\"%\n\x13GetJobStatusRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xad\x03\n\x14GetJobStatusResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1e\n\x05state\x18\x02 \x01(\x0e\x32\x0f.anvil.JobState\x12\x0f\n\x07peer_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\x0e\n\x06output\x18\x05 \x01(\x0c\x12\x13\n\x0boutput_refs\x18\x06 \x03(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x16\n\texit_code\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12\x30\n\x0csubmitted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncapability\x18\x0c \x01(\t\x12\x0e\n\x06region\x18\r \x01(\t\x12\x14\n\x0cmax_attempts\x18\x0e \x01(\r\x12\x1c\n\x14\x62ytes_fetched_remote\x18\x0f \x01(\x04\x42\x0c\n\n_exit_code\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"3\n\x11\x43\x61ncelJobResponse\x12\x1e\n\x05state\x18\x01 \x01(\x0e\x32\x0f.anvil.JobState\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"?\n\x10WatchJobResponse\x12+\n\x06status\x18\x01 \x01(\x0b\x32\x1b.anvil.GetJobStatusResponse\"2\n\x0f\x44ispatchRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\"$\n\x10\x44ispatchResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"#\n\x10HeartbeatRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\"m\n\x11HeartbeatResponse\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x14\n\x0crunning_jobs\x18\x03 \x01(\r\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12\x0f\n\x07version\x18\x05 \x01(\t*\xb3\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_TIMED_OUT\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06\x32\xa9\x04\n\x0e\x43omputeService\x12Y\n\x12RegisterCapability\x12 .anvil.RegisterCapabilityRequest\x1a!.anvil.RegisterCapabilityResponse\x12_\n\x14\x44\x65registerCapability\x12\".anvil.DeregisterCapabilityRequest\x1a#.anvil.DeregisterCapabilityResponse\x12S\n\x10ListCapabilities\x12\x1e.anvil.ListCapabilitiesRequest\x1a\x1f.anvil.ListCapabilitiesResponse\x12>\n\tSubmitJob\x12\x17.anvil.SubmitJobRequest\x1a\x18.anvil.SubmitJobResponse\x12G\n\x0cGetJobStatus\x12\x1a.anvil.GetJobStatusRequest\x1a\x1b.anvil.GetJobStatusResponse\x12>\n\tCancelJob\x12\x17.anvil.CancelJobRequest\x1a\x18.anvil.CancelJobResponse\x12=\n\x08WatchJob\x12\x16.anvil.WatchJobRequest\x1a\x17.anvil.WatchJobResponse0\x01\x32\x8a\x01\n\x0bPeerService\x12;\n\x08\x44ispatch\x12\x16.anvil.DispatchRequest\x1a\x17.anvil.DispatchResponse\x12>\n\tHeartbeat\x12\x17.anvil.HeartbeatRequest\x1a\x18.anvil.HeartbeatResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,8 +40,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITJOBREQUEST_PARAMSENTRY']._serialized_options = b'8\001'
   _globals['_SUBMITJOBREQUEST_RESOURCESENTRY']._loaded_options = None
   _globals['_SUBMITJOBREQUEST_RESOURCESENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=2696
-  _globals['_JOBSTATE']._serialized_end=2875
+  _globals['_JOBSTATE']._serialized_start=2760
+  _globals['_JOBSTATE']._serialized_end=2939
   _globals['_RESOURCELIMITS']._serialized_start=64
   _globals['_RESOURCELIMITS']._serialized_end=220
   _globals['_WASMEXECUTOR']._serialized_start=222
@@ -65,39 +65,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEREGISTERCAPABILITYRESPONSE']._serialized_start=1155
   _globals['_DEREGISTERCAPABILITYRESPONSE']._serialized_end=1185
   _globals['_LISTCAPABILITIESREQUEST']._serialized_start=1187
-  _globals['_LISTCAPABILITIESREQUEST']._serialized_end=1267
-  _globals['_LISTCAPABILITIESRESPONSE']._serialized_start=1269
-  _globals['_LISTCAPABILITIESRESPONSE']._serialized_end=1336
-  _globals['_SUBMITJOBREQUEST']._serialized_start=1339
-  _globals['_SUBMITJOBREQUEST']._serialized_end=1707
-  _globals['_SUBMITJOBREQUEST_PARAMSENTRY']._serialized_start=1612
-  _globals['_SUBMITJOBREQUEST_PARAMSENTRY']._serialized_end=1657
+  _globals['_LISTCAPABILITIESREQUEST']._serialized_end=1306
+  _globals['_LISTCAPABILITIESRESPONSE']._serialized_start=1308
+  _globals['_LISTCAPABILITIESRESPONSE']._serialized_end=1400
+  _globals['_SUBMITJOBREQUEST']._serialized_start=1403
+  _globals['_SUBMITJOBREQUEST']._serialized_end=1771
+  _globals['_SUBMITJOBREQUEST_PARAMSENTRY']._serialized_start=1676
+  _globals['_SUBMITJOBREQUEST_PARAMSENTRY']._serialized_end=1721
   _globals['_SUBMITJOBREQUEST_RESOURCESENTRY']._serialized_start=707
   _globals['_SUBMITJOBREQUEST_RESOURCESENTRY']._serialized_end=755
-  _globals['_SUBMITJOBRESPONSE']._serialized_start=1709
-  _globals['_SUBMITJOBRESPONSE']._serialized_end=1779
-  _globals['_GETJOBSTATUSREQUEST']._serialized_start=1781
-  _globals['_GETJOBSTATUSREQUEST']._serialized_end=1818
-  _globals['_GETJOBSTATUSRESPONSE']._serialized_start=1821
-  _globals['_GETJOBSTATUSRESPONSE']._serialized_end=2250
-  _globals['_CANCELJOBREQUEST']._serialized_start=2252
-  _globals['_CANCELJOBREQUEST']._serialized_end=2302
-  _globals['_CANCELJOBRESPONSE']._serialized_start=2304
-  _globals['_CANCELJOBRESPONSE']._serialized_end=2355
-  _globals['_WATCHJOBREQUEST']._serialized_start=2357
-  _globals['_WATCHJOBREQUEST']._serialized_end=2390
-  _globals['_WATCHJOBRESPONSE']._serialized_start=2392
-  _globals['_WATCHJOBRESPONSE']._serialized_end=2455
-  _globals['_DISPATCHREQUEST']._serialized_start=2457
-  _globals['_DISPATCHREQUEST']._serialized_end=2507
-  _globals['_DISPATCHRESPONSE']._serialized_start=2509
-  _globals['_DISPATCHRESPONSE']._serialized_end=2545
-  _globals['_HEARTBEATREQUEST']._serialized_start=2547
-  _globals['_HEARTBEATREQUEST']._serialized_end=2582
-  _globals['_HEARTBEATRESPONSE']._serialized_start=2584
-  _globals['_HEARTBEATRESPONSE']._serialized_end=2693
-  _globals['_COMPUTESERVICE']._serialized_start=2878
-  _globals['_COMPUTESERVICE']._serialized_end=3431
-  _globals['_PEERSERVICE']._serialized_start=3434
-  _globals['_PEERSERVICE']._serialized_end=3572
+  _globals['_SUBMITJOBRESPONSE']._serialized_start=1773
+  _globals['_SUBMITJOBRESPONSE']._serialized_end=1843
+  _globals['_GETJOBSTATUSREQUEST']._serialized_start=1845
+  _globals['_GETJOBSTATUSREQUEST']._serialized_end=1882
+  _globals['_GETJOBSTATUSRESPONSE']._serialized_start=1885
+  _globals['_GETJOBSTATUSRESPONSE']._serialized_end=2314
+  _globals['_CANCELJOBREQUEST']._serialized_start=2316
+  _globals['_CANCELJOBREQUEST']._serialized_end=2366
+  _globals['_CANCELJOBRESPONSE']._serialized_start=2368
+  _globals['_CANCELJOBRESPONSE']._serialized_end=2419
+  _globals['_WATCHJOBREQUEST']._serialized_start=2421
+  _globals['_WATCHJOBREQUEST']._serialized_end=2454
+  _globals['_WATCHJOBRESPONSE']._serialized_start=2456
+  _globals['_WATCHJOBRESPONSE']._serialized_end=2519
+  _globals['_DISPATCHREQUEST']._serialized_start=2521
+  _globals['_DISPATCHREQUEST']._serialized_end=2571
+  _globals['_DISPATCHRESPONSE']._serialized_start=2573
+  _globals['_DISPATCHRESPONSE']._serialized_end=2609
+  _globals['_HEARTBEATREQUEST']._serialized_start=2611
+  _globals['_HEARTBEATREQUEST']._serialized_end=2646
+  _globals['_HEARTBEATRESPONSE']._serialized_start=2648
+  _globals['_HEARTBEATRESPONSE']._serialized_end=2757
+  _globals['_COMPUTESERVICE']._serialized_start=2942
+  _globals['_COMPUTESERVICE']._serialized_end=3495
+  _globals['_PEERSERVICE']._serialized_start=3498
+  _globals['_PEERSERVICE']._serialized_end=3636
 # @@protoc_insertion_point(module_scope)

@@ -357,21 +357,29 @@ class ListCapabilitiesRequest(_message.Message):
     CAPABILITY_FIELD_NUMBER: _builtins.int
     REGION_FIELD_NUMBER: _builtins.int
     LIVE_ONLY_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     capability: _builtins.str
     """Empty means any."""
     region: _builtins.str
     live_only: _builtins.bool
     """Only capabilities whose peer heartbeat is fresh."""
+    page_size: _builtins.int
+    """At most this many rows (default 100, at most 1000)."""
+    page_token: _builtins.str
+    """From an earlier response's next_page_token; empty for the first page."""
     def __init__(
         self,
         *,
         capability: _builtins.str = ...,
         region: _builtins.str = ...,
         live_only: _builtins.bool = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "live_only", b"live_only", "region", b"region"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "live_only", b"live_only", "page_size", b"page_size", "page_token", b"page_token", "region", b"region"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -382,16 +390,20 @@ class ListCapabilitiesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CAPABILITIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedCompositeFieldContainer[Global___Capability]: ...
     def __init__(
         self,
         *,
         capabilities: _abc.Iterable[Global___Capability] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -460,7 +472,10 @@ class SubmitJobRequest(_message.Message):
     meet.
     """
     timeout_ms: _builtins.int
-    """Wall-clock limit of one attempt; zero means the capability's default."""
+    """Wall-clock limit of one attempt; zero means the capability's default. It
+    may only lower the capability's timeout (and the peer's max_job_timeout_s):
+    a larger value is INVALID_ARGUMENT.
+    """
     max_attempts: _builtins.int
     """Attempts before the job fails for good; zero means the default (3)."""
     @_builtins.property

@@ -78,6 +78,9 @@ class ComputeServiceServicer:
 
     def RegisterCapability(self, request, context):
         """RegisterCapability upserts one (peer, capability) row in the registry.
+        Operators (compute:register) for any known peer, a peer for itself;
+        PERMISSION_DENIED otherwise, NOT_FOUND for an unknown peer. A WASM module
+        is pinned by its sha256 here (resolved now when not given).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -85,27 +88,30 @@ class ComputeServiceServicer:
 
     def DeregisterCapability(self, request, context):
         """DeregisterCapability removes one (peer, capability) row; NOT_FOUND if absent.
+        Same callers as RegisterCapability.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListCapabilities(self, request, context):
-        """ListCapabilities lists registered capabilities, optionally filtered.
+        """ListCapabilities lists registered capabilities, optionally filtered, a page at a time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SubmitJob(self, request, context):
-        """SubmitJob validates, records, places and dispatches a job.
+        """SubmitJob validates, records, places and dispatches a job. The caller
+        must be allowed to read every input itself.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetJobStatus(self, request, context):
-        """GetJobStatus reads one job.
+        """GetJobStatus reads one job: the caller's own (NOT_FOUND for another
+        tenant's job), any job with compute:admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -113,13 +119,15 @@ class ComputeServiceServicer:
 
     def CancelJob(self, request, context):
         """CancelJob stops a queued or running job; FAILED_PRECONDITION once terminal.
+        The caller's own jobs only, as GetJobStatus.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WatchJob(self, request, context):
-        """WatchJob streams the job's status on every change and ends at a terminal state.
+        """WatchJob streams the job's status on every change and ends at a terminal
+        state. The caller's own jobs only, as GetJobStatus.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

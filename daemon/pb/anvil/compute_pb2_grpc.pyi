@@ -36,19 +36,33 @@ class ComputeServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ComputeServiceAsyncStub: ...
     RegisterCapability: _grpc.UnaryUnaryMultiCallable[_compute_pb2.RegisterCapabilityRequest, _compute_pb2.RegisterCapabilityResponse]
-    """RegisterCapability upserts one (peer, capability) row in the registry."""
+    """RegisterCapability upserts one (peer, capability) row in the registry.
+    Operators (compute:register) for any known peer, a peer for itself;
+    PERMISSION_DENIED otherwise, NOT_FOUND for an unknown peer. A WASM module
+    is pinned by its sha256 here (resolved now when not given).
+    """
     DeregisterCapability: _grpc.UnaryUnaryMultiCallable[_compute_pb2.DeregisterCapabilityRequest, _compute_pb2.DeregisterCapabilityResponse]
-    """DeregisterCapability removes one (peer, capability) row; NOT_FOUND if absent."""
+    """DeregisterCapability removes one (peer, capability) row; NOT_FOUND if absent.
+    Same callers as RegisterCapability.
+    """
     ListCapabilities: _grpc.UnaryUnaryMultiCallable[_compute_pb2.ListCapabilitiesRequest, _compute_pb2.ListCapabilitiesResponse]
-    """ListCapabilities lists registered capabilities, optionally filtered."""
+    """ListCapabilities lists registered capabilities, optionally filtered, a page at a time."""
     SubmitJob: _grpc.UnaryUnaryMultiCallable[_compute_pb2.SubmitJobRequest, _compute_pb2.SubmitJobResponse]
-    """SubmitJob validates, records, places and dispatches a job."""
+    """SubmitJob validates, records, places and dispatches a job. The caller
+    must be allowed to read every input itself.
+    """
     GetJobStatus: _grpc.UnaryUnaryMultiCallable[_compute_pb2.GetJobStatusRequest, _compute_pb2.GetJobStatusResponse]
-    """GetJobStatus reads one job."""
+    """GetJobStatus reads one job: the caller's own (NOT_FOUND for another
+    tenant's job), any job with compute:admin.
+    """
     CancelJob: _grpc.UnaryUnaryMultiCallable[_compute_pb2.CancelJobRequest, _compute_pb2.CancelJobResponse]
-    """CancelJob stops a queued or running job; FAILED_PRECONDITION once terminal."""
+    """CancelJob stops a queued or running job; FAILED_PRECONDITION once terminal.
+    The caller's own jobs only, as GetJobStatus.
+    """
     WatchJob: _grpc.UnaryStreamMultiCallable[_compute_pb2.WatchJobRequest, _compute_pb2.WatchJobResponse]
-    """WatchJob streams the job's status on every change and ends at a terminal state."""
+    """WatchJob streams the job's status on every change and ends at a terminal
+    state. The caller's own jobs only, as GetJobStatus.
+    """
 
 @_typing.type_check_only
 class ComputeServiceAsyncStub(ComputeServiceStub):
@@ -56,19 +70,33 @@ class ComputeServiceAsyncStub(ComputeServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     RegisterCapability: _aio.UnaryUnaryMultiCallable[_compute_pb2.RegisterCapabilityRequest, _compute_pb2.RegisterCapabilityResponse]  # type: ignore[assignment]
-    """RegisterCapability upserts one (peer, capability) row in the registry."""
+    """RegisterCapability upserts one (peer, capability) row in the registry.
+    Operators (compute:register) for any known peer, a peer for itself;
+    PERMISSION_DENIED otherwise, NOT_FOUND for an unknown peer. A WASM module
+    is pinned by its sha256 here (resolved now when not given).
+    """
     DeregisterCapability: _aio.UnaryUnaryMultiCallable[_compute_pb2.DeregisterCapabilityRequest, _compute_pb2.DeregisterCapabilityResponse]  # type: ignore[assignment]
-    """DeregisterCapability removes one (peer, capability) row; NOT_FOUND if absent."""
+    """DeregisterCapability removes one (peer, capability) row; NOT_FOUND if absent.
+    Same callers as RegisterCapability.
+    """
     ListCapabilities: _aio.UnaryUnaryMultiCallable[_compute_pb2.ListCapabilitiesRequest, _compute_pb2.ListCapabilitiesResponse]  # type: ignore[assignment]
-    """ListCapabilities lists registered capabilities, optionally filtered."""
+    """ListCapabilities lists registered capabilities, optionally filtered, a page at a time."""
     SubmitJob: _aio.UnaryUnaryMultiCallable[_compute_pb2.SubmitJobRequest, _compute_pb2.SubmitJobResponse]  # type: ignore[assignment]
-    """SubmitJob validates, records, places and dispatches a job."""
+    """SubmitJob validates, records, places and dispatches a job. The caller
+    must be allowed to read every input itself.
+    """
     GetJobStatus: _aio.UnaryUnaryMultiCallable[_compute_pb2.GetJobStatusRequest, _compute_pb2.GetJobStatusResponse]  # type: ignore[assignment]
-    """GetJobStatus reads one job."""
+    """GetJobStatus reads one job: the caller's own (NOT_FOUND for another
+    tenant's job), any job with compute:admin.
+    """
     CancelJob: _aio.UnaryUnaryMultiCallable[_compute_pb2.CancelJobRequest, _compute_pb2.CancelJobResponse]  # type: ignore[assignment]
-    """CancelJob stops a queued or running job; FAILED_PRECONDITION once terminal."""
+    """CancelJob stops a queued or running job; FAILED_PRECONDITION once terminal.
+    The caller's own jobs only, as GetJobStatus.
+    """
     WatchJob: _aio.UnaryStreamMultiCallable[_compute_pb2.WatchJobRequest, _compute_pb2.WatchJobResponse]  # type: ignore[assignment]
-    """WatchJob streams the job's status on every change and ends at a terminal state."""
+    """WatchJob streams the job's status on every change and ends at a terminal
+    state. The caller's own jobs only, as GetJobStatus.
+    """
 
 class ComputeServiceServicer(metaclass=_abc_1.ABCMeta):
     """ComputeService is served by every peer; a client may call any of them."""
@@ -79,7 +107,11 @@ class ComputeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _compute_pb2.RegisterCapabilityRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_compute_pb2.RegisterCapabilityResponse, _abc.Awaitable[_compute_pb2.RegisterCapabilityResponse]]:
-        """RegisterCapability upserts one (peer, capability) row in the registry."""
+        """RegisterCapability upserts one (peer, capability) row in the registry.
+        Operators (compute:register) for any known peer, a peer for itself;
+        PERMISSION_DENIED otherwise, NOT_FOUND for an unknown peer. A WASM module
+        is pinned by its sha256 here (resolved now when not given).
+        """
 
     @_abc_1.abstractmethod
     def DeregisterCapability(
@@ -87,7 +119,9 @@ class ComputeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _compute_pb2.DeregisterCapabilityRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_compute_pb2.DeregisterCapabilityResponse, _abc.Awaitable[_compute_pb2.DeregisterCapabilityResponse]]:
-        """DeregisterCapability removes one (peer, capability) row; NOT_FOUND if absent."""
+        """DeregisterCapability removes one (peer, capability) row; NOT_FOUND if absent.
+        Same callers as RegisterCapability.
+        """
 
     @_abc_1.abstractmethod
     def ListCapabilities(
@@ -95,7 +129,7 @@ class ComputeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _compute_pb2.ListCapabilitiesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_compute_pb2.ListCapabilitiesResponse, _abc.Awaitable[_compute_pb2.ListCapabilitiesResponse]]:
-        """ListCapabilities lists registered capabilities, optionally filtered."""
+        """ListCapabilities lists registered capabilities, optionally filtered, a page at a time."""
 
     @_abc_1.abstractmethod
     def SubmitJob(
@@ -103,7 +137,9 @@ class ComputeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _compute_pb2.SubmitJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_compute_pb2.SubmitJobResponse, _abc.Awaitable[_compute_pb2.SubmitJobResponse]]:
-        """SubmitJob validates, records, places and dispatches a job."""
+        """SubmitJob validates, records, places and dispatches a job. The caller
+        must be allowed to read every input itself.
+        """
 
     @_abc_1.abstractmethod
     def GetJobStatus(
@@ -111,7 +147,9 @@ class ComputeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _compute_pb2.GetJobStatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_compute_pb2.GetJobStatusResponse, _abc.Awaitable[_compute_pb2.GetJobStatusResponse]]:
-        """GetJobStatus reads one job."""
+        """GetJobStatus reads one job: the caller's own (NOT_FOUND for another
+        tenant's job), any job with compute:admin.
+        """
 
     @_abc_1.abstractmethod
     def CancelJob(
@@ -119,7 +157,9 @@ class ComputeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _compute_pb2.CancelJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_compute_pb2.CancelJobResponse, _abc.Awaitable[_compute_pb2.CancelJobResponse]]:
-        """CancelJob stops a queued or running job; FAILED_PRECONDITION once terminal."""
+        """CancelJob stops a queued or running job; FAILED_PRECONDITION once terminal.
+        The caller's own jobs only, as GetJobStatus.
+        """
 
     @_abc_1.abstractmethod
     def WatchJob(
@@ -127,7 +167,9 @@ class ComputeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _compute_pb2.WatchJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_compute_pb2.WatchJobResponse], _abc.AsyncIterator[_compute_pb2.WatchJobResponse]]:
-        """WatchJob streams the job's status on every change and ends at a terminal state."""
+        """WatchJob streams the job's status on every change and ends at a terminal
+        state. The caller's own jobs only, as GetJobStatus.
+        """
 
 def add_ComputeServiceServicer_to_server(servicer: ComputeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -1,0 +1,84 @@
+"""A capability's module, pinned to the digest of its bytes when it is configured or
+registered: later writes to the module's object (or file) are never run.
+
+A pinned module is `(ref, sha256)`: an object ref carrying its version and
+`sha256=`, or a path on the peer beside the digest its bytes had at start. The
+runner fetches the ref with its digest, and the WASM worker checks a path's
+bytes against it, so bytes that differ fail the job instead of running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from daemon.exceptions import AnvilError, FailedPrecondition, InvalidArgument
+from daemon.storage.digest import sha256_file
+from daemon.storage.refs import ObjectRef, Scheme, parse_ref, validate_sha256
+
+# Resolves an object ref to the same ref pinned by version and sha256.
+Resolver = Callable[[ObjectRef], Awaitable[ObjectRef]]
+
+
+def is_object_ref(module: str) -> bool:
+    return "://" in module or module.startswith("sha256:")
+
+
+async def pin_module(
+    module: str, sha256: str, *, resolve: Resolver, own_config: bool
+) -> tuple[str, str]:
+    """(the module's pinned ref or path, its sha256 hex).
+
+    `sha256` (may be empty) is what the operator expects. An object ref is
+    resolved now, except in this peer's own config (`own_config`) when the
+    operator gave its digest (the object may not be stored yet). A path is
+    hashed now in the peer's own config; a registration for another peer
+    cannot read that peer's files, so it must give the digest. Raises
+    InvalidArgument, FailedPrecondition (the bytes differ from `sha256`), and
+    the resolver's errors (ObjectNotFound, Unavailable).
+    """
+    expected = validate_sha256(sha256) if sha256 else None
+    if is_object_ref(module):
+        ref = parse_ref(module)
+        if ref.scheme is Scheme.SHA256 or ref.sha256 is not None:
+            pass  # the ref names its digest itself
+        elif expected is not None and own_config:
+            ref = ref.with_sha256(expected)
+        else:
+            ref = await resolve(ref)
+        pinned, digest = str(ref), ref.sha256
+    elif own_config:
+        try:
+            digest = await asyncio.to_thread(sha256_file, Path(module))
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read module {module}: {exc.strerror}") from exc
+        pinned = module
+    elif expected is not None:
+        pinned, digest = module, expected
+    else:
+        raise InvalidArgument(
+            f"module {module!r} is a path on the peer: give its module_sha256, "
+            "or name it by an object ref"
+        )
+    assert digest is not None
+    if expected is not None and digest != expected:
+        raise FailedPrecondition(
+            f"module {module} has sha256 {digest}, not the expected {expected}: refusing it"
+        )
+    return pinned, digest
+
+
+async def pin_or_explain(
+    name: str, module: str, sha256: str, *, resolve: Resolver
+) -> tuple[str, str]:
+    """pin_module for a capability in this peer's config; errors name the capability."""
+    try:
+        return await pin_module(module, sha256, resolve=resolve, own_config=True)
+    except AnvilError as exc:
+        hint = (
+            " (store the module first, or set its sha256 in the config to pin it without a lookup)"
+            if is_object_ref(module)
+            else ""
+        )
+        raise type(exc)(f"capability {name!r}: cannot pin its module: {exc}{hint}") from exc
