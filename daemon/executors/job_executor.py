@@ -22,7 +22,10 @@ class WasmJobExecutor:
 
     @classmethod
     async def create(cls, settings: Settings) -> WasmJobExecutor:
-        """Start the workers; the module cache lives in the data directory."""
+        """Start the workers; the module cache lives in the data directory.
+
+        Raises Unavailable when the workers cannot start (e.g. no mount namespace).
+        """
         executor = WasmExecutor(
             PoolSettings(
                 workers=settings.wasm_workers or max(1, min(8, os.cpu_count() or 1)),
@@ -92,5 +95,6 @@ def outcome_of(result: ExecutionResult) -> ExecutionOutcome:
         stderr=result.stderr,
         exit_code=result.exit_code,
         error=error,
-        output_files=tuple(f.path for f in result.outputs),
+        # Nothing of a failed attempt is uploaded (a failed result has no outputs anyway).
+        output_files=tuple(f.path for f in result.outputs) if result.succeeded else (),
     )
