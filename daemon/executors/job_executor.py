@@ -24,6 +24,7 @@ class WasmJobExecutor:
     async def create(cls, settings: Settings) -> WasmJobExecutor:
         """Start the workers; the module cache lives in the data directory.
 
+        Every run's /output is bounded by max_output_bytes and max_output_files.
         Raises Unavailable when the workers cannot start (e.g. no mount namespace).
         """
         executor = WasmExecutor(
@@ -32,6 +33,7 @@ class WasmJobExecutor:
                 cache_dir=settings.data_dir / "wasm-cache",
             ),
             scratch_dir=settings.data_dir / "wasm-scratch",
+            default_limits=default_limits(settings),
         )
         await executor.start()
         return cls(executor)
@@ -63,6 +65,11 @@ class WasmJobExecutor:
         except AnvilError as exc:
             return ExecutionOutcome(state=JobState.FAILED, error=str(exc))
         return outcome_of(result)
+
+
+def default_limits(settings: Settings) -> Limits:
+    """The limits of every run on this peer before a capability's and a job's own."""
+    return Limits(output_bytes=settings.max_output_bytes, output_files=settings.max_output_files)
 
 
 def job_limits(defaults: Limits, *, fuel: int, memory_mib: int, timeout_s: float) -> Limits:

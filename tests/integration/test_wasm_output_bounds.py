@@ -295,6 +295,55 @@ async def test_the_tmpfs_is_remounted_only_when_the_limits_change(
     assert_tmpfs_empty(executor)
 
 
+async def test_the_job_executor_bounds_output_by_the_peers_settings(tmp_path: Path) -> None:
+    """max_output_bytes and max_output_files bound every run `anvil-compute serve` makes."""
+    from daemon import config
+    from daemon.capability_config import LocalCapability
+    from daemon.execution import ExecutionOutcome, ExecutionRequest
+    from daemon.executors.job_executor import WasmJobExecutor
+    from daemon.jobstate import JobState
+
+    settings = config.load(
+        environ={},
+        overrides={
+            "data_dir": tmp_path / "data",
+            "wasm_workers": 1,
+            "max_output_bytes": 4 * MIB,
+            "max_output_files": 10,
+        },
+    )
+    adapter = await WasmJobExecutor.create(settings)
+    try:
+
+        async def execute(wasm: bytes, name: str) -> ExecutionOutcome:
+            module = guests.write_module(tmp_path, wasm)
+            return await adapter.execute(
+                ExecutionRequest(
+                    job_id=name,
+                    capability=LocalCapability(name="hostile", kind="wasm", module=str(module)),
+                    module_path=module,
+                    inputs=(),
+                    params={},
+                    output_dir=tmp_path / name,
+                    timeout_s=30,
+                )
+            )
+
+        big = await execute(guests.fill_output(12 * MIB, MIB, then="forever"), "big")
+        assert big.state is JobState.FAILED
+        assert "more than 4 MiB written to /output (max_output_bytes)" in big.error
+        many = await execute(guests.many_files(100), "many")
+        assert many.state is JobState.FAILED
+        assert "more than 10 files in /output (max_output_files)" in many.error
+        assert big.output_files == many.output_files == ()
+        assert not (tmp_path / "big").exists() and not (tmp_path / "many").exists()
+        fits = await execute(guests.write_files(3, 100), "fits")
+        assert fits.state is JobState.SUCCEEDED, fits.error
+        assert [p.name for p in fits.output_files] == ["f0", "f1", "f2"]
+    finally:
+        await adapter.close()
+
+
 # --- who may mount -----------------------------------------------------------
 
 AS_NOBODY = r"""
