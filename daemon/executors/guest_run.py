@@ -1,9 +1,10 @@
 """One guest run as the daemon asks for it, carried out inside a worker process.
 
-The daemon names host files; the worker stages them at /input, makes /output,
-runs the guest in its Sandbox and lists what the guest left. Every file system
-call of a run happens here, in the worker — off the daemon's event loop and out
-of its GIL — so a job without inputs or outputs costs the daemon none at all.
+The daemon names host files; the worker stages them at /input, gives the guest
+its bounded /output, runs it in its Sandbox and copies what a successful guest
+left there to the run's output folder. Every file system call of a run happens
+here, in the worker — off the daemon's event loop and out of its GIL — so a job
+without inputs or outputs costs the daemon none at all.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from pathlib import Path
 from daemon.exceptions import InvalidArgument
 from daemon.executors import result as results
 from daemon.executors import staging
+from daemon.executors.bounded_output import OutputMount, OutputWatcher
 from daemon.executors.limits import Limits
 from daemon.executors.module_cache import Level
-from daemon.executors.result import ExecutionResult, OutputFile
+from daemon.executors.mount_ns import PrivateMounts
+from daemon.executors.result import ExecutionResult, Outcome, OutputFile
 from daemon.executors.sandbox import RunRequest, Sandbox
 
 # Module digests remembered by file identity; one entry per module path in use.
@@ -44,57 +47,91 @@ class GuestRun:
 class GuestRunner:
     """Carries out GuestRuns, one at a time, with one Sandbox and one scratch folder.
 
-    The guest's /output is always the worker's own `output` folder; when the
-    guest leaves files there, the folder is renamed to the run's output folder
-    (or its entries moved into an existing one). Most runs leave nothing, and
-    the same empty folder serves the next run: no mkdir or rmdir per run.
+    The guest's /output is always the worker's own `output` folder, a tmpfs
+    bounded by the run's limits (bounded_output.py: memory-backed, at most
+    output_bytes plus a little per worker, copied to disk only for successful
+    runs). After each run it is empty again; most runs leave nothing, and cost
+    one statvfs for it.
     """
 
-    def __init__(self, sandbox: Sandbox, scratch_dir: Path) -> None:
+    def __init__(
+        self,
+        sandbox: Sandbox,
+        scratch_dir: Path,
+        mounts: PrivateMounts,
+        *,
+        abandon: Callable[[ExecutionResult], None],
+    ) -> None:
+        """Mount the bounded /output. Raises Unavailable when the kernel refuses.
+
+        `abandon(result)` reports a run that must end while its guest is
+        blocked in a host call, then ends this process (the daemon replaces it).
+        """
         self.sandbox = sandbox
         self.scratch_dir = scratch_dir
+        self._abandon = abandon
         # /input of every run without inputs: preopened read-only, so it stays empty.
         self._empty = scratch_dir / "empty"
         self._staged = scratch_dir / "input"
-        self._output = scratch_dir / "output"
-        self._output_ready = False  # exists and is empty
         self._digests: dict[Path, tuple[tuple[int, ...], str]] = {}
         self._empty.mkdir(parents=True, exist_ok=True)
+        self._output = OutputMount(mounts, scratch_dir / "output", Limits())
+        self._watcher = OutputWatcher(self._output)
+
+    def close(self) -> None:
+        self._watcher.close()
+        self._output.close()
 
     def run(
         self, run: GuestRun, *, on_started: Callable[[Level], None] | None = None
     ) -> tuple[str, ExecutionResult]:
         """(the module's digest, the result with its outputs attached).
 
-        Guest failures come back as results; raises InvalidArgument (bad module
-        path, inputs or output folder) and DigestMismatch.
+        A run that crosses an /output limit ends OUTPUT_TOO_LARGE, whatever its
+        guest did then; only a successful run has outputs. Guest failures come
+        back as results; raises InvalidArgument (bad module path, inputs or
+        output folder), DigestMismatch, Unavailable (the tmpfs cannot be remounted).
         """
         digest = run.digest or self.digest_of(run.module_path)
         given = _check_output_dir(run.output_dir)
-        self._prepare_output()
+        self._output.prepare(run.limits)
         input_dir, stdin = self._stage(run.inputs)
         try:
-            result = self.sandbox.run(
-                RunRequest(
-                    digest=digest,
-                    module_path=run.module_path,
-                    argv=run.argv,
-                    env=run.env,
-                    stdin_path=stdin,
-                    input_dir=input_dir,
-                    output_dir=self._output,
-                    limits=run.limits,
-                ),
-                on_started=on_started,
-            )
-        except BaseException:
-            self._output_ready = False  # whatever is in there, the next run starts afresh
-            raise
+            with self._watcher.watching(
+                run.limits, interrupt=self.sandbox.interrupt, abandon=self._abandon
+            ) as watch:
+                result = self.sandbox.run(
+                    RunRequest(
+                        digest=digest,
+                        module_path=run.module_path,
+                        argv=run.argv,
+                        env=run.env,
+                        stdin_path=stdin,
+                        input_dir=input_dir,
+                        output_dir=self._output.path,
+                        limits=run.limits,
+                    ),
+                    on_started=on_started,
+                )
+            # What the watcher saw, else what the guest left: one statvfs when nothing.
+            found = None if watch.exceeded else self._output.find(run.limits)
+            over = watch.exceeded if found is None else found.over
+            outputs: tuple[OutputFile, ...] = ()
+            if over is not None:
+                if result.outcome is not Outcome.OUTPUT_TOO_LARGE:
+                    result = over.with_capture(
+                        stdout=result.stdout,
+                        stderr=result.stderr,
+                        duration_s=result.duration_s,
+                        fuel_consumed=result.fuel_consumed,
+                    )
+            elif result.succeeded and found is not None:
+                outputs = self._output.copy_out(found.files, run.output_dir, given=given)
         finally:
+            self._output.empty()
             if run.inputs:
                 shutil.rmtree(self._staged, ignore_errors=True)
-        outputs = self._hand_over_output(run.output_dir, given=given)
-        return digest, with_outputs(result, outputs, run.limits)
+        return digest, result.with_outputs(outputs)
 
     def digest_of(self, module: Path) -> str:
         """The module's sha256, re-read only when the file changed (by its identity)."""
@@ -111,33 +148,6 @@ class GuestRunner:
             self._digests.clear()
         self._digests[module] = (identity, digest)
         return digest
-
-    def _prepare_output(self) -> None:
-        if not self._output_ready:
-            shutil.rmtree(self._output, ignore_errors=True)  # left by a failed hand-over
-            self._output.mkdir()
-            self._output_ready = True
-
-    def _hand_over_output(self, output_dir: Path, *, given: bool) -> tuple[OutputFile, ...]:
-        """Move what the guest left to `output_dir` and list the outputs there."""
-        with os.scandir(self._output) as entries:
-            left = [entry.name for entry in entries]
-        if not left:
-            return ()  # the folder stays, empty, for the next run
-        self._output_ready = False
-        try:
-            if given:
-                for name in left:
-                    shutil.move(self._output / name, output_dir / name)
-                self._output_ready = True  # emptied
-            else:
-                shutil.move(self._output, output_dir)  # a rename on one file system
-        except OSError as exc:
-            raise InvalidArgument(f"cannot move outputs to {output_dir}: {exc}") from exc
-        outputs = staging.collect_outputs(output_dir)
-        if not outputs and not given:
-            shutil.rmtree(output_dir, ignore_errors=True)  # only empty folders or links
-        return outputs
 
     def _stage(self, inputs: tuple[Path, ...]) -> tuple[Path, Path | None]:
         """(the /input folder, the stdin file)."""
@@ -170,24 +180,19 @@ def _check_output_dir(output_dir: Path) -> bool:
 def with_outputs(
     result: ExecutionResult, outputs: tuple[OutputFile, ...], limits: Limits
 ) -> ExecutionResult:
-    """Attach the outputs; a successful run that left too much in /output fails."""
-    if result.succeeded:
-        total = sum(f.size for f in outputs)
-        if len(outputs) > limits.output_files:
-            failed = results.output_too_large(
-                f"{len(outputs)} files left in /output, over the limit of {limits.output_files}"
-            )
-        elif total > limits.output_bytes:
-            failed = results.output_too_large(
-                f"{results.size_text(total)} left in /output, over the limit of "
-                f"{results.size_text(limits.output_bytes)}"
-            )
-        else:
-            return result.with_outputs(outputs)
-        result = failed.with_capture(
-            stdout=result.stdout,
-            stderr=result.stderr,
-            duration_s=result.duration_s,
-            fuel_consumed=result.fuel_consumed,
-        )
-    return result.with_outputs(outputs)
+    """Attach the outputs to a successful run; one with too much in them fails, and a
+    failed run has none (nothing of it may be uploaded)."""
+    if not result.succeeded:
+        return result.with_outputs(())
+    if len(outputs) > limits.output_files:
+        failed = results.output_files_exceeded(limits.output_files)
+    elif sum(f.size for f in outputs) > limits.output_bytes:
+        failed = results.output_bytes_exceeded(limits.output_bytes)
+    else:
+        return result.with_outputs(outputs)
+    return failed.with_capture(
+        stdout=result.stdout,
+        stderr=result.stderr,
+        duration_s=result.duration_s,
+        fuel_consumed=result.fuel_consumed,
+    )

@@ -23,13 +23,18 @@ class WasmJobExecutor:
 
     @classmethod
     async def create(cls, settings: Settings) -> WasmJobExecutor:
-        """Start the workers; the module cache lives in the data directory."""
+        """Start the workers; the module cache lives in the data directory.
+
+        Every run's /output is bounded by max_output_bytes and max_output_files.
+        Raises Unavailable when the workers cannot start (e.g. no mount namespace).
+        """
         executor = WasmExecutor(
             PoolSettings(
                 workers=settings.wasm_workers or max(1, min(8, os.cpu_count() or 1)),
                 cache_dir=settings.data_dir / "wasm-cache",
             ),
             scratch_dir=settings.data_dir / "wasm-scratch",
+            default_limits=default_limits(settings),
         )
         await executor.start()
         return cls(executor)
@@ -66,6 +71,11 @@ class WasmJobExecutor:
         except AnvilError as exc:
             return ExecutionOutcome(state=JobState.FAILED, error=str(exc))
         return outcome_of(result)
+
+
+def default_limits(settings: Settings) -> Limits:
+    """The limits of every run on this peer before a capability's and a job's own."""
+    return Limits(output_bytes=settings.max_output_bytes, output_files=settings.max_output_files)
 
 
 def job_limits(defaults: Limits, *, fuel: int, memory_mib: int, timeout_s: float) -> Limits:
@@ -105,7 +115,8 @@ def outcome_of(result: ExecutionResult) -> ExecutionOutcome:
         stderr=result.stderr,
         exit_code=result.exit_code,
         error=error,
-        output_files=tuple(f.path for f in result.outputs),
+        # Nothing of a failed attempt is uploaded (a failed result has no outputs anyway).
+        output_files=tuple(f.path for f in result.outputs) if result.succeeded else (),
     )
 
 

@@ -11,6 +11,12 @@ MIB = 1 << 20
 WASM_PAGE = 64 * 1024
 # wasm32 linear memory cannot exceed 4 GiB.
 MAX_MEMORY_BYTES = 4 << 30
+# /output is a tmpfs sized from output_bytes and output_files (bounded_output.py):
+# it may hold this many folders and links on top of output_files ...
+OUTPUT_FOLDERS = 64
+# ... and its size is output_bytes plus at most this much, for the partly used
+# last page of each file (the kernel bounds pages, the limit counts bytes).
+MAX_OUTPUT_SLACK = 64 * MIB
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -28,8 +34,8 @@ class Limits:
     instances: int = 1
     stdout_bytes: int = 1 * MIB
     stderr_bytes: int = 64 * 1024
-    output_files: int = 1000  # files left in /output
-    output_bytes: int = 1024 * MIB  # their total size
+    output_files: int = 1000  # files left in /output (max_output_files)
+    output_bytes: int = 1024 * MIB  # their total size (max_output_bytes)
 
     def __post_init__(self) -> None:
         for name in (
@@ -93,3 +99,27 @@ def memory_exhausted(memory_bytes: int, limit_bytes: int) -> bool:
     """
     margin = max(WASM_PAGE, limit_bytes // 16)
     return memory_bytes + margin > limit_bytes
+
+
+def output_fs_inodes(limits: Limits) -> int:
+    """nr_inodes of a run's /output tmpfs: its files, OUTPUT_FOLDERS more, its root, and one
+    spare, so that no name left means a name past the allowance was refused.
+
+    tmpfs counts every name against it: files, folders, links, hard links.
+    """
+    return limits.output_files + OUTPUT_FOLDERS + 2
+
+
+def output_fs_bytes(limits: Limits, page: int) -> int:
+    """size of a run's /output tmpfs, a whole number of `page`s.
+
+    Room for output_bytes of data spread over as many names as the tmpfs
+    allows (each may waste most of its last page), and one page more, so that
+    a full tmpfs means a write past the limit was refused. Never more than
+    output_bytes + MAX_OUTPUT_SLACK: past about 16,000 files the slack is
+    capped, and many small files near the byte limit may then fill it first.
+    """
+    data_pages = -(-limits.output_bytes // page)
+    slack_pages = output_fs_inodes(limits) + 1
+    ceiling_pages = (limits.output_bytes + MAX_OUTPUT_SLACK) // page
+    return min(data_pages + slack_pages, ceiling_pages) * page

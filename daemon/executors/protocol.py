@@ -7,9 +7,12 @@ never unpickles what a process running untrusted code wrote. Pure: encoding
 and decoding only; the two ends do their own I/O.
 
 Daemon → worker: `hello` (settings), then `run` per job.
-Worker → daemon: `ready` (its pid and scratch folder); per job `started`
-(module loaded, guest starting), then `result` (+ stdout, stderr blobs: the
-module's digest, the outputs left in /output) or `error` (a bad request).
+Worker → daemon: `ready` (its pid and scratch folder), or `error` (why it
+cannot run guests; it exits); per job `started` (module loaded, guest
+starting), then `result` (+ stdout, stderr blobs: the module's digest, the
+outputs left in /output) or `error` (a bad request) — or `abandoned` (a result
+without outputs, from a worker that then exits: its guest crossed a limit and
+is blocked in a host call, which only the end of its process ends).
 """
 
 from __future__ import annotations
@@ -104,16 +107,27 @@ def result_message(result: ExecutionResult, *, digest: str, cached: list[str]) -
     return message(
         "result",
         (result.stdout, result.stderr),
-        outcome=result.outcome.value,
-        text=result.message,
-        exit_code=result.exit_code,
-        trap_code=result.trap_code,
-        duration_s=result.duration_s,
-        fuel_consumed=result.fuel_consumed,
-        outputs=[[f.name, str(f.path), f.size] for f in result.outputs],
+        **_result_fields(result),
         digest=digest,
         cached=cached,
     )
+
+
+def abandoned_message(result: ExecutionResult) -> bytes:
+    """An `abandoned` message: the result of a run whose worker exits next."""
+    return message("abandoned", (result.stdout, result.stderr), **_result_fields(result))
+
+
+def _result_fields(result: ExecutionResult) -> dict[str, Any]:
+    return {
+        "outcome": result.outcome.value,
+        "text": result.message,
+        "exit_code": result.exit_code,
+        "trap_code": result.trap_code,
+        "duration_s": result.duration_s,
+        "fuel_consumed": result.fuel_consumed,
+        "outputs": [[f.name, str(f.path), f.size] for f in result.outputs],
+    }
 
 
 def result_from(head: dict[str, Any], stdout: bytes, stderr: bytes) -> ExecutionResult:

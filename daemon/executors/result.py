@@ -133,6 +133,24 @@ def stream_too_large(stream: str, cap_bytes: int) -> ExecutionResult:
     return output_too_large(f"more than {size_text(cap_bytes)} written to {stream}")
 
 
+def output_bytes_exceeded(limit_bytes: int) -> ExecutionResult:
+    return output_too_large(
+        f"more than {size_text(limit_bytes)} written to /output (max_output_bytes)"
+    )
+
+
+def output_files_exceeded(limit_files: int) -> ExecutionResult:
+    return output_too_large(f"more than {limit_files} files in /output (max_output_files)")
+
+
+def output_names_exceeded(limit_files: int, folders: int) -> ExecutionResult:
+    """Files within the limit, but more folders and links than the allowance on top."""
+    return output_too_large(
+        f"more than {limit_files} files, folders and links in /output (max_output_files, "
+        f"plus {folders} folders or links)"
+    )
+
+
 def invalid_module(reason: str) -> ExecutionResult:
     return ExecutionResult(
         outcome=Outcome.INVALID_MODULE,
@@ -152,8 +170,11 @@ def _mib(n: int) -> str:
 
 
 def size_text(n: int) -> str:
+    """A size as people write limits: exact in GiB, MiB or KiB when it is, else in bytes
+    (or approximately in MiB, from 1 MiB up)."""
+    for shift, unit in ((30, "GiB"), (20, "MiB"), (10, "KiB")):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
     if n >= 1 << 20:
         return _mib(n)
-    if n >= 1 << 10:
-        return f"{n / (1 << 10):g} KiB"
     return f"{n} bytes"

@@ -117,6 +117,14 @@ class Sandbox:
             max_module_bytes=max_module_bytes,
         )
         self._ticker = EpochTicker(self.engine, self.settings.epoch_tick_s)
+        self._deadline_ticks = 0  # the running guest's epoch deadline, in ticks from its start
+
+    def interrupt(self) -> None:
+        """End the running guest at its next epoch check. Safe from any thread (it only
+        moves the engine's epoch past the deadline); harmless between runs, whose
+        deadlines count from their own start."""
+        for _ in range(self._deadline_ticks + 1):
+            self.engine.increment_epoch()
 
     def close(self) -> None:
         self._ticker.close()
@@ -158,15 +166,10 @@ class Sandbox:
     def _execute(self, loaded: LoadedModule, request: RunRequest) -> ExecutionResult:
         limits = request.limits
         ticks = epoch_ticks(limits.timeout_s, self.settings.epoch_tick_s)
-
-        def end_guest_now() -> None:
-            # The deadline is `ticks` epochs away; passing it traps the guest at its
-            # next epoch check. Never touch the store from inside a host call.
-            for _ in range(ticks + 1):
-                self.engine.increment_epoch()
-
-        stdout = CappedSink(limits.stdout_bytes, end_guest_now)
-        stderr = CappedSink(limits.stderr_bytes, end_guest_now)
+        self._deadline_ticks = ticks
+        # Never touch the store from inside a host call: end the guest by its epoch.
+        stdout = CappedSink(limits.stdout_bytes, self.interrupt)
+        stderr = CappedSink(limits.stderr_bytes, self.interrupt)
         wasi = WasiConfig()
         wasi.argv = list(request.argv)
         wasi.env = list(request.env)

@@ -93,6 +93,15 @@ def close_output_dir(directory: Path, *, created: bool) -> tuple[OutputFile, ...
     return outputs
 
 
+def empty_dir(directory: Path) -> None:
+    """Remove everything in `directory`, never following links; the folder stays."""
+    for entry in list(directory.iterdir()):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
 def check_empty_dir(directory: Path) -> None:
     """Raises InvalidArgument unless `directory` exists and is empty (a fresh /output)."""
     try:

@@ -3,7 +3,10 @@
 Guest ABI (WASI preview 1 command, guest_modules/GUIDE.md): argv = [program,
 "--key=value", ...] and `ANVIL_PARAM_<KEY>` per param; input i readable (never
 writable) at /input/<i>, input 0 also as stdin; a fresh writable /output whose
-regular files become the outputs; stdout and stderr captured up to the caps.
+regular files become the outputs of a successful run; stdout and stderr
+captured up to the caps. /output is memory in the worker, bounded by the kernel
+to the run's output_bytes and output_files while the guest runs
+(bounded_output.py); a run that crosses either ends OUTPUT_TOO_LARGE.
 """
 
 from __future__ import annotations
@@ -78,9 +81,9 @@ class WasmExecutor:
 
         `digest` is the module's sha256 hex (computed by the worker when not
         given; checked against the bytes whenever the file is read). The files
-        the guest leaves in /output end up in `output_dir`, made only when there
-        are some; an existing folder must be empty. Afterwards it holds the
-        outputs and nothing else.
+        a successful guest leaves in /output end up in `output_dir`, made only
+        when there are some; an existing folder must be empty. Afterwards it
+        holds the outputs and nothing else; after a failed run, nothing.
 
         Guest failures come back as a result, never raised. Raises InvalidArgument
         (bad params, inputs, folder), DigestMismatch, Unavailable (closed).
@@ -109,7 +112,10 @@ class WasmExecutor:
         # A worker runs guest code: what it says it left is checked here, on
         # the daemon's side, before any of it is read and stored.
         outputs = await asyncio.to_thread(_checked_outputs, result.outputs, output_dir)
-        return with_outputs(result, outputs, limits)
+        checked = with_outputs(result, outputs, limits)
+        if not checked.succeeded:  # the worker let through more than the limits
+            await asyncio.to_thread(staging.empty_dir, output_dir)
+        return checked
 
 
 def _checked_outputs(

@@ -3,6 +3,11 @@
 Runs one guest at a time in its own Sandbox (its own Engine and module cache).
 The daemon kills it when a guest overstays its deadline and starts another.
 It exits on end of input, and dies with its parent (no orphaned guests).
+
+First thing, before any thread exists, it enters its own mount namespace, in
+which its guests' /output is a bounded tmpfs (bounded_output.py). A worker
+that cannot do so answers the daemon's hello with the reason, never `ready`:
+it does not run guests unbounded.
 """
 
 from __future__ import annotations
@@ -13,13 +18,17 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from daemon.exceptions import AnvilError
-from daemon.executors import protocol
+from daemon.exceptions import AnvilError, Unavailable
+from daemon.executors import mount_ns, protocol
 from daemon.executors.engine import EngineSettings
 from daemon.executors.guest_run import GuestRunner
+from daemon.executors.mount_ns import PrivateMounts
+from daemon.executors.result import ExecutionResult
 from daemon.executors.sandbox import Sandbox
 
 _PR_SET_PDEATHSIG = 1
@@ -86,47 +95,82 @@ def _scratch_from_hello(head: dict[str, Any]) -> Path:
     return scratch
 
 
-def serve(inp: IO[bytes], out: IO[bytes]) -> int:
-    """The worker loop: hello → ready, then run after run until end of input."""
+def serve(inp: IO[bytes], out: IO[bytes], mounts: PrivateMounts | Unavailable) -> int:
+    """The worker loop: hello → ready, then run after run until end of input.
+
+    `mounts`: this process's own mount namespace, or why it has none; then the
+    hello is answered with that error and the worker exits (status 1).
+    """
+    sending = threading.Lock()  # the output watcher may report an abandoned run
 
     def send(data: bytes) -> None:
-        out.write(data)
-        out.flush()
+        with sending:
+            out.write(data)
+            out.flush()
+
+    def abandon(result: ExecutionResult) -> None:
+        try:
+            send(protocol.abandoned_message(result))
+        finally:
+            os._exit(0)  # the guest may be blocked in a host call: only an exit ends it
 
     first = read_message(inp)
     if first is None:
         return 0
+    if isinstance(mounts, Unavailable):
+        send(protocol.error_message(mounts))
+        return 1
     scratch = _scratch_from_hello(first[0])
     try:
         with _sandbox_from_hello(first[0]) as sandbox:
-            runner = GuestRunner(sandbox, scratch)
-            send(protocol.message("ready", pid=os.getpid(), scratch_dir=str(scratch)))
-            while (received := read_message(inp)) is not None:
-                head, _ = received
-                if head["type"] != "run":
-                    raise protocol.ProtocolError(f"unexpected {head['type']!r} message")
-                request = protocol.request_from(head)
-                try:
-                    digest, result = runner.run(
-                        request,
-                        on_started=lambda level: send(
-                            protocol.message("started", cache=level.value)
-                        ),
-                    )
-                except AnvilError as exc:
-                    send(protocol.error_message(exc))
-                    continue
-                send(
-                    protocol.result_message(
-                        result, digest=digest, cached=sandbox.cache.memory.keys()
-                    )
-                )
+            try:
+                runner = GuestRunner(sandbox, scratch, mounts, abandon=abandon)
+            except AnvilError as exc:
+                send(protocol.error_message(exc))
+                return 1
+            try:
+                send(protocol.message("ready", pid=os.getpid(), scratch_dir=str(scratch)))
+                _serve_runs(inp, send, runner)
+            finally:
+                runner.close()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0
 
 
+def _serve_runs(inp: IO[bytes], send: Callable[[bytes], None], runner: GuestRunner) -> None:
+    while (received := read_message(inp)) is not None:
+        head, _ = received
+        if head["type"] != "run":
+            raise protocol.ProtocolError(f"unexpected {head['type']!r} message")
+        request = protocol.request_from(head)
+        try:
+            digest, result = runner.run(
+                request,
+                on_started=lambda level: send(protocol.message("started", cache=level.value)),
+            )
+        except Unavailable as exc:
+            send(protocol.error_message(exc))
+            return  # this worker can no longer bound /output: it exits, the daemon replaces it
+        except AnvilError as exc:
+            send(protocol.error_message(exc))
+            continue
+        send(
+            protocol.result_message(
+                result, digest=digest, cached=runner.sandbox.cache.memory.keys()
+            )
+        )
+
+
+def _enter_mount_namespace() -> PrivateMounts | Unavailable:
+    try:
+        return mount_ns.enter()
+    except Unavailable as exc:
+        return exc
+
+
 def main() -> int:
+    mounts = _enter_mount_namespace()  # first: the kernel refuses it once a thread exists
     _die_with_parent()
     # Ctrl-C at a terminal reaches the whole process group: the daemon decides.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -138,7 +182,7 @@ def main() -> int:
     os.dup2(devnull, 0)
     os.dup2(2, 1)
     os.close(devnull)
-    return serve(inp, out)
+    return serve(inp, out, mounts)
 
 
 if __name__ == "__main__":

@@ -130,7 +130,8 @@ class WorkerPool:
         self.replaced = 0  # workers killed and replaced since start
 
     async def start(self) -> None:
-        """Start every worker. Raises Unavailable when one cannot start."""
+        """Start every worker. Raises Unavailable when one cannot start, with its reason
+        (e.g. it may not bound /output in its own mount namespace)."""
         if self.settings.cache_dir is not None:
             self._secret = await asyncio.to_thread(load_or_create_secret, self.settings.cache_dir)
         spawned = await asyncio.gather(
@@ -142,7 +143,9 @@ class WorkerPool:
         failures = [e for e in spawned if isinstance(e, BaseException)]
         if failures:
             await self.close()
-            raise Unavailable(f"cannot start a WASM worker: {failures[0]!r}") from failures[0]
+            # A worker's own refusal (e.g. no mount namespace) is one line already.
+            reason = str(failures[0]) if isinstance(failures[0], AnvilError) else repr(failures[0])
+            raise Unavailable(f"cannot start a WASM worker: {reason}") from failures[0]
 
     async def close(self) -> None:
         """Stop every worker (a running guest is killed). Later runs raise Unavailable."""
@@ -236,6 +239,10 @@ class WorkerPool:
             return False, results.crashed(f"{lost} while the guest ran")
         if head["type"] == "error":
             return True, protocol.error_from(head)
+        if head["type"] == "abandoned" and len(blobs) == 2:
+            # Its guest crossed a limit inside a host call; the worker exits.
+            await worker.kill()
+            return False, protocol.result_from(head, blobs[0], blobs[1]).with_outputs(())
         if head["type"] != "result" or len(blobs) != 2:
             raise protocol.ProtocolError(f"unexpected {head['type']!r} message")
         worker.cached = frozenset(str(d) for d in head.get("cached", ()))
@@ -296,7 +303,13 @@ class WorkerPool:
         while not self._closed:
             try:
                 worker = await self._spawn()
-            except (OSError, TimeoutError, asyncio.IncompleteReadError, protocol.ProtocolError):
+            except (
+                OSError,
+                TimeoutError,
+                asyncio.IncompleteReadError,
+                protocol.ProtocolError,
+                AnvilError,
+            ):
                 log.exception("cannot start a replacement WASM worker; retrying")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -335,6 +348,8 @@ class WorkerPool:
             )
             async with asyncio.timeout(s.start_timeout_s):
                 head, _ = await worker.receive()
+            if head["type"] == "error":
+                raise protocol.error_from(head)  # it cannot run guests here, and says why
             if head["type"] != "ready":
                 raise protocol.ProtocolError(f"expected ready, got {head['type']!r}")
             worker.scratch = Path(str(head["scratch_dir"]))

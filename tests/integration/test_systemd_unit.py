@@ -83,7 +83,9 @@ def test_the_hardening_keeps_the_exposure_score_low(tmp_path: Path) -> None:
             tool("systemd-analyze"),
             "security",
             "--offline=yes",
-            "--threshold=25",  # exposure 2.5 of 10; this unit scores about 1.9
+            # exposure 2.5 of 10; this unit scores about 2.4 (1.9 before the WASM
+            # workers' user and mount namespaces and mount/umount2 for /output)
+            "--threshold=25",
             str(installed_copy(tmp_path)),
         ],
         capture_output=True,
@@ -111,7 +113,9 @@ def test_the_unit_says_what_the_daemon_needs() -> None:
     assert one("NoNewPrivileges") == "yes" and one("ProtectSystem") == "strict"
     assert one("ProtectHome") == "yes" and one("PrivateTmp") == "yes"
     assert one("RestrictAddressFamilies").split() == ["AF_UNIX", "AF_INET", "AF_INET6"]
-    assert one("SystemCallFilter") == "@system-service"
+    # WASM workers bound /output with a tmpfs in their own user + mount namespace.
+    assert one("SystemCallFilter").split() == ["@system-service", "mount", "umount2"]
+    assert one("RestrictNamespaces").split() == ["user", "mnt"]
     assert one("MemoryDenyWriteExecute") == "no"
     # numba's kernel cache must land in a writable directory of the unit.
     assert "NUMBA_CACHE_DIR=%C/anvil-compute/" in unit["Environment"][0]

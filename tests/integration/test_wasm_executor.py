@@ -235,8 +235,8 @@ def scratch_contents(scratch: Path) -> set[str]:
     } | {p.name for p in scratch.iterdir() if not p.name.startswith("worker-")}
 
 
-# Per worker: the /input of runs without inputs, and the /output folder that
-# serves run after run while guests leave nothing in it, both empty.
+# Per worker: the /input of runs without inputs, and the folder its /output tmpfs
+# is mounted on (in the worker's own mount namespace only): both empty here.
 AT_REST = {"worker-N", "worker-N/empty", "worker-N/output"}
 
 
@@ -244,8 +244,8 @@ async def test_scratch_holds_nothing_staged_after_runs_and_crashes(tmp_path: Pat
     scratch = tmp_path / "scratch"
     fresh_dir(scratch / "worker-99999999" / "input")  # left by a crashed daemon
     async with WasmExecutor(PoolSettings(workers=1), scratch_dir=scratch) as ex:
-        # One folder per worker, holding only the empty /input of runs without inputs.
-        assert scratch_contents(scratch) == {"worker-N", "worker-N/empty"}
+        # One folder per worker, holding only what it keeps at rest.
+        assert scratch_contents(scratch) == AT_REST
         stdin = tmp_path / "stdin"
         stdin.write_text("x")
         result = await ex.run(

@@ -40,6 +40,11 @@ _IMPORTS = """
     (func $environ_sizes_get (param i32 i32) (result i32)))
   (import "wasi_snapshot_preview1" "environ_get" (func $environ_get (param i32 i32) (result i32)))
   (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+  (import "wasi_snapshot_preview1" "fd_close" (func $fd_close (param i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_seek"
+    (func $fd_seek (param i32 i64 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "path_link"
+    (func $path_link (param i32 i32 i32 i32 i32 i32 i32) (result i32)))
 """
 
 # Memory layout: 0..63 scratch (iovecs, counts, fds), 64.. strings, 40000.. I/O buffer.
@@ -132,8 +137,8 @@ def cat_input(name: str) -> bytes:
     )
 
 
-def write_files(count: int, size: int) -> bytes:
-    """Creates /output/f0 .. f<count-1>, each `size` bytes."""
+def write_files(count: int, size: int, *, exit_code: int = 0) -> bytes:
+    """Creates /output/f0 .. f<count-1>, each `size` bytes, then exits with `exit_code`."""
     assert count <= 10
     return module(
         f"""
@@ -149,6 +154,7 @@ def write_files(count: int, size: int) -> bytes:
             (i32.const 52)))
           (local.set $i (i32.add (local.get $i) (i32.const 1)))
           (br_if $files (i32.lt_u (local.get $i) (i32.const {count}))))
+        (call $proc_exit (i32.const {exit_code}))
         """,
         data=_data(64, "f0"),
     )
@@ -237,6 +243,124 @@ def flood(fd: int, total: int, chunk: int = 65536) -> bytes:
     )
 
 
+def _sleep_body(seconds: int) -> str:
+    return f"""
+        (i64.store (i32.const 1024) (i64.const 1))
+        (i32.store8 (i32.const 1032) (i32.const 0))
+        (i32.store (i32.const 1040) (i32.const 1))
+        (i64.store (i32.const 1048) (i64.const {seconds * 1_000_000_000}))
+        (i64.store (i32.const 1056) (i64.const 0))
+        (i32.store16 (i32.const 1064) (i32.const 0))
+        (drop (call $poll_oneoff (i32.const 1024) (i32.const 2048) (i32.const 1) (i32.const 3072)))
+        """
+
+
+def fill_output(total: int, chunk: int, *, then: str = "exit") -> bytes:
+    """Writes `total` bytes to /output/big in `chunk`-byte fd_writes (a single one when
+    chunk == total: wasmtime writes it in one host call), ignoring every error. Then
+    `exit`s 0, goes on writing `forever` (ignoring ENOSPC), or `sleep`s an hour in
+    poll_oneoff, where no epoch reaches it."""
+    after = {
+        "exit": "",
+        "forever": f"""(loop $again
+            (drop (call $write (i32.load (i32.const 32)) (i32.const 65536) (i32.const {chunk})))
+            (br $again))""",
+        "sleep": _sleep_body(3600),
+    }[then]
+    pages = chunk // 65536 + 2
+    return module(
+        f"""
+        (local $left i64)
+        (if (call $open (i32.const {OUTPUT_FD}) (i32.const 64) (i32.const 3) (i32.const {O_CREAT})
+              (i64.const {RIGHT_WRITE}))
+          (then (unreachable)))
+        (local.set $left (i64.const {total}))
+        (block $done
+          (loop $more
+            (br_if $done (i64.le_s (local.get $left) (i64.const 0)))
+            (drop (call $write (i32.load (i32.const 32)) (i32.const 65536) (i32.const {chunk})))
+            (local.set $left (i64.sub (local.get $left) (i64.const {chunk})))
+            (br $more)))
+        {after}
+        """,
+        data=_data(64, "big"),
+        pages=pages,
+    )
+
+
+def many_files(count: int) -> bytes:
+    """Creates /output/f<5 letters> for 0 <= i < count (one byte each), closing each,
+    ignoring every error; then exits 0."""
+    letters = "".join(
+        f"""(i32.store8 (i32.const {65 + k})
+              (i32.add (i32.const 97)
+                (i32.and (i32.shr_u (local.get $i) (i32.const {4 * (4 - k)})) (i32.const 15))))"""
+        for k in range(5)
+    )
+    return module(
+        f"""
+        (local $i i32)
+        (block $done
+          (loop $files
+            (br_if $done (i32.ge_u (local.get $i) (i32.const {count})))
+            {letters}
+            (if (i32.eqz (call $open (i32.const {OUTPUT_FD}) (i32.const 64) (i32.const 6)
+                  (i32.const {O_CREAT}) (i64.const {RIGHT_WRITE})))
+              (then
+                (drop (call $write (i32.load (i32.const 32)) (i32.const 64) (i32.const 1)))
+                (drop (call $fd_close (i32.load (i32.const 32))))))
+            (local.set $i (i32.add (local.get $i) (i32.const 1)))
+            (br $files)))
+        """,
+        data=_data(64, "fAAAAA"),
+    )
+
+
+def sparse_file(offset: int) -> bytes:
+    """Writes one byte at `offset` of /output/sparse: a file that large, without its pages."""
+    return module(
+        f"""
+        (if (call $open (i32.const {OUTPUT_FD}) (i32.const 64) (i32.const 6) (i32.const {O_CREAT})
+              (i64.const {RIGHT_WRITE}))
+          (then (unreachable)))
+        (if (call $fd_seek (i32.load (i32.const 32)) (i64.const {offset}) (i32.const 0)
+              (i32.const 48))
+          (then (unreachable)))
+        (if (call $write (i32.load (i32.const 32)) (i32.const 64) (i32.const 1))
+          (then (unreachable)))
+        """,
+        data=_data(64, "sparse"),
+    )
+
+
+def hard_links(count: int) -> bytes:
+    """Creates /output/f0, then hard links l<5 letters> to it, ignoring every error."""
+    letters = "".join(
+        f"""(i32.store8 (i32.const {129 + k})
+              (i32.add (i32.const 97)
+                (i32.and (i32.shr_u (local.get $i) (i32.const {4 * (4 - k)})) (i32.const 15))))"""
+        for k in range(5)
+    )
+    return module(
+        f"""
+        (local $i i32)
+        (if (call $open (i32.const {OUTPUT_FD}) (i32.const 64) (i32.const 2) (i32.const {O_CREAT})
+              (i64.const {RIGHT_WRITE}))
+          (then (unreachable)))
+        (drop (call $write (i32.load (i32.const 32)) (i32.const 64) (i32.const 2)))
+        (block $done
+          (loop $links
+            (br_if $done (i32.ge_u (local.get $i) (i32.const {count})))
+            {letters}
+            (drop (call $path_link (i32.const {OUTPUT_FD}) (i32.const 0) (i32.const 64)
+              (i32.const 2) (i32.const {OUTPUT_FD}) (i32.const 128) (i32.const 6)))
+            (local.set $i (i32.add (local.get $i) (i32.const 1)))
+            (br $links)))
+        """,
+        data=_data(64, "f0") + _data(128, "lAAAAA"),
+    )
+
+
 def try_open(fd: int, path: str, *, oflags: int = 0, rights: int = RIGHT_READ) -> bytes:
     """Exits with path_open's errno (0 = it opened)."""
     return module(
@@ -293,6 +417,12 @@ GARBAGE = b"this is not webassembly at all \x00\x01\x02"
         try_open(INPUT_FD, "a"),
         try_unlink(INPUT_FD, "a"),
         symlink_out("/etc/passwd", "x"),
+        fill_output(10, 10),
+        fill_output(10, 10, then="forever"),
+        fill_output(10, 10, then="sleep"),
+        many_files(10),
+        sparse_file(10),
+        hard_links(10),
     ],
 )
 def test_guest_is_a_valid_wasi_command(wasm: bytes) -> None:

@@ -294,7 +294,9 @@ async def test_bytes_that_are_not_wasm_are_an_invalid_module(
 async def test_too_many_output_files_fail_the_job(executor: WasmExecutor, tmp_path: Path) -> None:
     result = await run(executor, tmp_path, guests.write_files(5, 10), limits=Limits(output_files=3))
     assert result.outcome is Outcome.OUTPUT_TOO_LARGE
-    assert "5 files" in result.message
+    assert "more than 3 files in /output (max_output_files)" in result.message
+    assert result.outputs == ()
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 async def test_too_many_output_bytes_fail_the_job(executor: WasmExecutor, tmp_path: Path) -> None:
@@ -302,7 +304,9 @@ async def test_too_many_output_bytes_fail_the_job(executor: WasmExecutor, tmp_pa
         executor, tmp_path, guests.write_files(2, 1000), limits=Limits(output_bytes=1500)
     )
     assert result.outcome is Outcome.OUTPUT_TOO_LARGE
-    assert "/output" in result.message
+    assert "more than 1500 bytes written to /output (max_output_bytes)" in result.message
+    assert result.outputs == ()
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 async def _wait_for(condition: object, timeout_s: float = 10.0) -> None:

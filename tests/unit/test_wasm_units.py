@@ -8,6 +8,8 @@ import io
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,17 @@ from daemon.executors import result as results
 from daemon.executors.engine import EngineSettings, engine_key
 from daemon.executors.guest_run import GuestRun, with_outputs
 from daemon.executors.job_executor import job_limits, outcome_of
-from daemon.executors.limits import MIB, WASM_PAGE, Limits, epoch_ticks, memory_exhausted
+from daemon.executors.limits import (
+    MAX_OUTPUT_SLACK,
+    MIB,
+    OUTPUT_FOLDERS,
+    WASM_PAGE,
+    Limits,
+    epoch_ticks,
+    memory_exhausted,
+    output_fs_bytes,
+    output_fs_inodes,
+)
 from daemon.executors.lru import LruCache
 from daemon.executors.module_cache import seal, unseal, wasmtime_reason
 from daemon.executors.result import ExecutionResult, Outcome, OutputFile
@@ -201,14 +213,58 @@ def test_outputs_over_their_limits_fail_a_successful_run(tmp_path: Path) -> None
     files = tuple(OutputFile(name=f"f{i}", path=tmp_path / f"f{i}", size=10) for i in range(3))
     ok = results.ok().with_capture(stdout=b"o", stderr=b"", duration_s=1, fuel_consumed=5)
     assert with_outputs(ok, files, Limits()).outputs == files
+    assert with_outputs(ok, files, Limits(output_files=3, output_bytes=30)).outputs == files
     many = with_outputs(ok, files, Limits(output_files=2))
     assert many.outcome is Outcome.OUTPUT_TOO_LARGE
+    assert "more than 2 files in /output (max_output_files)" in many.message
     assert many.stdout == b"o"
-    assert many.outputs == files
+    assert many.outputs == ()  # nothing of a failed run is reported, so none is uploaded
     big = with_outputs(ok, files, Limits(output_bytes=29))
     assert big.outcome is Outcome.OUTPUT_TOO_LARGE
-    failed = results.nonzero_exit(1)
-    assert with_outputs(failed, files, Limits(output_files=0)).outcome is Outcome.NONZERO_EXIT
+    assert "more than 29 bytes written to /output (max_output_bytes)" in big.message
+    assert big.outputs == ()
+    failed = with_outputs(results.nonzero_exit(1), files, Limits(output_files=0))
+    assert failed.outcome is Outcome.NONZERO_EXIT
+    assert failed.outputs == ()
+
+
+def test_output_limit_messages_name_the_limit() -> None:
+    assert results.output_bytes_exceeded(1 << 30).message.startswith(
+        "guest output too large: more than 1 GiB written to /output (max_output_bytes)"
+    )
+    assert results.output_files_exceeded(1000).message.startswith(
+        "guest output too large: more than 1000 files in /output (max_output_files)"
+    )
+    assert "(max_output_files, plus 64 folders or links)" in (
+        results.output_names_exceeded(1000, 64).message
+    )
+    assert results.size_text(3 << 30) == "3 GiB"
+    assert results.size_text((1 << 30) + 1) == "1024 MiB"
+    assert results.size_text(1500) == "1500 bytes"
+
+
+def test_the_output_tmpfs_is_bounded_by_the_limits_plus_at_most_64_mib() -> None:
+    page = 4096
+    for limits in [
+        Limits(),
+        Limits(output_bytes=0, output_files=0),
+        Limits(output_bytes=1500, output_files=3),
+        Limits(output_bytes=(1 << 30) + 1, output_files=100_000),
+        Limits(output_bytes=10**12, output_files=10**7),
+    ]:
+        size = output_fs_bytes(limits, page)
+        assert size % page == 0
+        assert limits.output_bytes < size <= limits.output_bytes + MAX_OUTPUT_SLACK
+        # The files, the folder allowance, the root and a spare: none left = one refused.
+        assert output_fs_inodes(limits) == limits.output_files + OUTPUT_FOLDERS + 2
+    # Room for a file per name, each wasting most of its last page, and one page more:
+    # a full tmpfs means a write past the limit was refused.
+    small = Limits(output_bytes=1500, output_files=3)
+    assert output_fs_bytes(small, page) == page * (1 + (3 + OUTPUT_FOLDERS + 2) + 1)
+    assert output_fs_bytes(Limits(), page) == (1 << 30) + page * (1000 + OUTPUT_FOLDERS + 3)
+    # Many files: the slack stops at 64 MiB.
+    many = Limits(output_bytes=1 << 30, output_files=10**6)
+    assert output_fs_bytes(many, page) == (1 << 30) + MAX_OUTPUT_SLACK
 
 
 # --- protocol ----------------------------------------------------------------
@@ -278,14 +334,8 @@ def test_frames_are_bounded_and_truncation_is_detected() -> None:
     assert read_message(io.BytesIO(b"")) is None
 
 
-def test_worker_loop_in_process(tmp_path: Path) -> None:
-    """hello → ready; a run whose module is garbage → started never sent, a typed result."""
-    module = tmp_path / "m.wasm"
-    module.write_bytes(b"garbage")
-    request = dataclasses.replace(
-        _request(tmp_path), digest=hashlib.sha256(b"garbage").hexdigest(), inputs=()
-    )
-    hello = protocol.message(
+def _hello(**fields: object) -> bytes:
+    return protocol.message(
         "hello",
         cache_dir=None,
         cache_secret=None,
@@ -293,20 +343,57 @@ def test_worker_loop_in_process(tmp_path: Path) -> None:
         memory_cache_entries=4,
         memory_cache_bytes=1 << 20,
         max_module_bytes=1 << 20,
+        **fields,
+    )
+
+
+def _replies(data: bytes) -> list[dict[str, object]]:
+    replies = io.BytesIO(data)
+    heads = []
+    while (message := read_message(replies)) is not None:
+        heads.append(message[0])
+    return heads
+
+
+def test_worker_loop(tmp_path: Path) -> None:
+    """hello → ready; a run whose module is garbage → started never sent, a typed result.
+
+    The real worker process: it enters its own mount namespace before anything else.
+    """
+    module = tmp_path / "m.wasm"
+    module.write_bytes(b"garbage")
+    request = dataclasses.replace(
+        _request(tmp_path), digest=hashlib.sha256(b"garbage").hexdigest(), inputs=()
     )
     bad_digest = protocol.message(
         "run", **{**protocol.request_fields(request), "digest": "00" * 32}
     )
     run = protocol.message("run", **protocol.request_fields(request))
+    worker = subprocess.run(
+        [sys.executable, "-m", "daemon.executors.worker"],
+        input=_hello(scratch_dir=str(tmp_path / "scratch")) + bad_digest + run,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert worker.returncode == 0, worker.stderr.decode()
+    heads = _replies(worker.stdout)
+    assert [h["type"] for h in heads] == ["ready", "error", "result"]
+    assert heads[-1]["outcome"] == "invalid_module"
+    assert list((tmp_path / "scratch").iterdir()) == []  # it removed its own folder
+
+
+def test_a_worker_without_its_own_mount_namespace_answers_hello_with_why(
+    tmp_path: Path,
+) -> None:
+    refused = exceptions.Unavailable("cannot bound /output: unshare(...) refused: ...")
     out = io.BytesIO()
-    assert serve(io.BytesIO(hello + bad_digest + run), out) == 0
-    replies = io.BytesIO(out.getvalue())
-    kinds = []
-    while (message := read_message(replies)) is not None:
-        kinds.append(message[0]["type"])
-        last = message
-    assert kinds == ["ready", "error", "result"]
-    assert last[0]["outcome"] == "invalid_module"
+    run = protocol.message("run", **protocol.request_fields(_request(tmp_path)))
+    assert serve(io.BytesIO(_hello(scratch_dir=str(tmp_path)) + run), out, refused) == 1
+    (head,) = _replies(out.getvalue())
+    assert protocol.error_from(head).args == refused.args
+    assert isinstance(protocol.error_from(head), exceptions.Unavailable)
+    assert list(tmp_path.iterdir()) == []  # it made nothing, ran nothing
 
 
 # --- staging -----------------------------------------------------------------
@@ -449,6 +536,9 @@ def test_job_states_from_outcomes(tmp_path: Path) -> None:
     )
     assert outcome_of(exited).error == "text:wc: line 7: bad"
     assert outcome_of(results.nonzero_exit(2)).error == "guest exited with code 2"
+    # Whatever a failed result carries, the runner is handed no file of it to upload.
+    leaked = results.nonzero_exit(3).with_outputs(ok.outputs)
+    assert outcome_of(leaked).output_files == ()
 
 
 def test_results_are_json_safe_over_the_wire() -> None:
@@ -491,3 +581,17 @@ def test_nested_outputs_keep_their_folders_in_object_keys(tmp_path: Path) -> Non
     assert _output_name(out / "a" / "x", out) == "a/x"
     assert _output_name(out / "b" / "x", out) == "b/x"
     assert _output_name(out.resolve() / "y", out) == "y"
+
+
+def test_empty_dir_removes_everything_inside_and_follows_no_link(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("x")
+    folder = tmp_path / "folder"
+    (folder / "sub" / "deeper").mkdir(parents=True)
+    (folder / "sub" / "deeper" / "f").write_text("x")
+    (folder / "g").write_text("x")
+    (folder / "link").symlink_to(outside)
+    staging.empty_dir(folder)
+    assert list(folder.iterdir()) == []
+    assert (outside / "keep").read_text() == "x"
