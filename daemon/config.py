@@ -267,7 +267,7 @@ FIELDS: dict[str, tuple[Callable[[Any], Any], Callable[[], Any], str]] = {
     "wasm_workers": (
         _non_negative_int,
         lambda: 0,
-        "WASM worker processes (0 = one per core, at most 8)",
+        "WASM worker processes (0 = one per core, at most 8, plus one)",
     ),
     "podman_socket": (
         _optional_str,

@@ -16,7 +16,9 @@ from daemon.jobstate import JobState
 
 
 class WasmJobExecutor:
-    """Runs `wasm` capabilities in a pool of sandbox workers (one per core, at most 8)."""
+    """Runs `wasm` capabilities in a pool of sandbox workers: one per core (at most 8),
+    plus one that no single capability may take (daemon/slots.py), so a capability
+    whose guests sleep still leaves every core's worth to itself and one to the others."""
 
     def __init__(self, executor: WasmExecutor) -> None:
         self.executor = executor
@@ -30,7 +32,7 @@ class WasmJobExecutor:
         """
         executor = WasmExecutor(
             PoolSettings(
-                workers=settings.wasm_workers or max(1, min(8, os.cpu_count() or 1)),
+                workers=settings.wasm_workers or default_workers(),
                 cache_dir=settings.data_dir / "wasm-cache",
             ),
             scratch_dir=settings.data_dir / "wasm-scratch",
@@ -76,6 +78,11 @@ class WasmJobExecutor:
 def default_limits(settings: Settings) -> Limits:
     """The limits of every run on this peer before a capability's and a job's own."""
     return Limits(output_bytes=settings.max_output_bytes, output_files=settings.max_output_files)
+
+
+def default_workers() -> int:
+    """One worker per core (at most 8), and one kept for capabilities that share them."""
+    return max(1, min(8, os.cpu_count() or 1)) + 1
 
 
 def job_limits(defaults: Limits, *, fuel: int, memory_mib: int, timeout_s: float) -> Limits:
