@@ -82,6 +82,28 @@ async def test_every_example_capability_end_to_end(peer: Peer, tmp_path: Path) -
     assert predictions["count"] == 1 and len(predictions["predictions"]) == 1
 
 
+async def test_a_corrupt_cached_input_is_fetched_again_not_fed_to_the_guest(
+    peer: Peer, tmp_path: Path
+) -> None:
+    text = "alpha beta gamma\n" * 1000
+    (tmp_path / "words.txt").write_text(text)
+    async with peer.client() as client:
+        ref = await client.upload(tmp_path / "words.txt")
+        first = await client.wait((await client.submit("text:wordcount", inputs=[ref])).job_id)
+        assert state(first) is JobState.SUCCEEDED, first.error
+        # A failing disk turns "alpha" into "alphb" in the peer's cached copy.
+        entry = peer.data_dir / "cache" / "objects" / ref.rpartition("sha256=")[2]
+        entry.chmod(0o644)
+        with entry.open("r+b") as f:
+            f.seek(4)
+            f.write(b"b")
+        second = await client.wait((await client.submit("text:wordcount", inputs=[ref])).job_id)
+    assert state(second) is JobState.SUCCEEDED, second.error
+    assert json.loads(second.output) == json.loads(first.output)
+    assert json.loads(second.output)["words"] == 3000
+    assert await asyncio.to_thread(peer.metric, "anvil_compute_cache_corrupt_entries_total") == 1
+
+
 async def test_watch_sees_queued_running_succeeded(peer: Peer) -> None:
     async with peer.client() as client:
         first = await client.submit("test:sleep")
