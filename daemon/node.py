@@ -113,7 +113,7 @@ class Node:
         view = MembershipView(registry, listener, refresh_s=max(s.peer_ttl_s / 3, 0.2))
         self._cleanup.append(view.close)
 
-        store = LocalStore(s.data_dir)
+        store = LocalStore(s.data_dir, max_bytes=s.max_store_bytes)
         cache = DiskCache(s.data_dir / "cache", max_bytes=s.cache_max_bytes)
         self._cleanup.append(lambda: asyncio.to_thread(cache.close))
 

@@ -16,6 +16,7 @@ import pytest
 from grpc import aio
 
 from daemon.convert import PROTO_TO_JOB_STATE
+from daemon.exceptions import ResourceExhausted
 from daemon.jobstate import JobState
 from daemon.pb.anvil import compute_pb2
 from tests.e2e.cluster import Peer, PeerFactory
@@ -102,6 +103,18 @@ async def test_a_corrupt_cached_input_is_fetched_again_not_fed_to_the_guest(
     assert json.loads(second.output) == json.loads(first.output)
     assert json.loads(second.output)["words"] == 3000
     assert await asyncio.to_thread(peer.metric, "anvil_compute_cache_corrupt_entries_total") == 1
+
+
+async def test_max_store_bytes_refuses_an_upload_with_resource_exhausted(
+    peers: PeerFactory, tmp_path: Path
+) -> None:
+    peer = await asyncio.to_thread(peers.start, ANVIL_MAX_STORE_BYTES=str(1 << 20))
+    (tmp_path / "small").write_bytes(b"x" * 1000)
+    (tmp_path / "big").write_bytes(b"y" * (2 << 20))
+    async with peer.client() as client:
+        await client.upload(tmp_path / "small")
+        with pytest.raises(ResourceExhausted, match="max_store_bytes"):
+            await client.upload(tmp_path / "big")
 
 
 async def test_watch_sees_queued_running_succeeded(peer: Peer) -> None:
