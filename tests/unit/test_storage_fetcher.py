@@ -121,3 +121,13 @@ async def test_a_corrupt_cached_input_is_refetched_not_served(
     placed = await fetcher.fetch_to(ref, tmp_path / "job" / "input")
     assert placed.path.read_bytes() == data
     assert entry.read_bytes() == data  # the entry itself was replaced by good bytes
+
+
+async def test_fetch_to_a_directory_fails_and_leaves_no_temp(
+    store: LocalStore, cache: DiskCache, tmp_path: Path
+) -> None:
+    store.put_bytes(b"data", bucket="b", key="k")
+    (tmp_path / "job" / "taken").mkdir(parents=True)
+    with pytest.raises(IsADirectoryError):
+        await Fetcher(cache, local=store).fetch_to("anvil://b/k", tmp_path / "job" / "taken")
+    assert os.listdir(tmp_path / "job") == ["taken"]
