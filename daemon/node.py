@@ -28,6 +28,7 @@ from daemon.execution import JobExecutor
 from daemon.membership import MembershipView
 from daemon.registry import Registry
 from daemon.registry.embedded import EmbeddedPostgres
+from daemon.registry.health import RegistryWatch
 from daemon.registry.listener import JOB_EVENTS, MEMBERSHIP, Listener, peer_channel
 from daemon.registry.models import CapabilitySpec
 from daemon.rescuer import Rescuer
@@ -196,6 +197,9 @@ class Node:
         await server.set_serving(False)
         await server.start()
         self._cleanup.append(lambda: server.stop(1.0))
+        watch = RegistryWatch(url, registry.pool, on_change=server.set_registry_reachable)
+        await watch.start()
+        self._cleanup.append(watch.close)
         self.address = s.advertise or server.address
 
         await self._announce(prune=True)
