@@ -44,6 +44,10 @@ def looks_like_ref(text: str) -> bool:
 # bounds calls wait their turn in the client instead.
 MAX_UNARY_IN_FLIGHT = 512
 MAX_STREAMS_IN_FLIGHT = 512
+# `wait` watches again after UNAVAILABLE (a watch starts with the job's current
+# status, so nothing is missed), this often, for at most this long in a row.
+WATCH_RETRY_S = 0.5
+WAIT_THROUGH_UNAVAILABLE_S = 60.0
 
 
 class ComputeClient:
@@ -128,11 +132,30 @@ class ComputeClient:
             async for update in call:
                 yield update.status
 
-    async def wait(self, job_id: str) -> compute_pb2.GetJobStatusResponse:
-        """Follow the job until it ends; return its final status."""
+    async def wait(
+        self, job_id: str, *, unavailable_for_s: float = WAIT_THROUGH_UNAVAILABLE_S
+    ) -> compute_pb2.GetJobStatusResponse:
+        """Follow the job until it ends; return its final status.
+
+        A watch ended by UNAVAILABLE (the peer lost its registry for a while, or
+        restarts) is started again, until UNAVAILABLE has lasted
+        `unavailable_for_s`; then, and on any other error, AioRpcError is raised.
+        """
         last = None
-        async for status in self.watch(job_id):
-            last = status
+        since: float | None = None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                async for status in self.watch(job_id):
+                    last, since = status, None
+                break
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is not grpc.StatusCode.UNAVAILABLE:
+                    raise
+                since = loop.time() if since is None else since
+                if loop.time() - since >= unavailable_for_s:
+                    raise
+                await asyncio.sleep(WATCH_RETRY_S)
         if last is None:
             raise RuntimeError(f"watch of {job_id} ended without a status")
         return last

@@ -17,6 +17,8 @@ Counters are per process and start at zero with it (Prometheus' `rate()` and
 - `anvil_compute_fetch_lookups_total{result}` (hit/miss) and
   `anvil_compute_fetch_bytes_total{source}` (local store vs remote backends):
   object fetches through the disk cache.
+- `anvil_compute_cache_corrupt_entries_total`: disk cache entries found not to
+  match their sha256 on a hit, dropped and fetched again.
 """
 
 from __future__ import annotations
@@ -154,6 +156,11 @@ FETCH_BYTES = Counter(
     ["source"],
     registry=REGISTRY,
 )
+CACHE_CORRUPT_ENTRIES = Counter(
+    f"{PREFIX}_cache_corrupt_entries",
+    "Disk cache entries whose bytes no longer matched their sha256 on a hit (dropped, refetched)",
+    registry=REGISTRY,
+)
 
 MODULE_CACHE_LEVELS = frozenset({"memory", "disk", "compiled"})
 
@@ -166,6 +173,10 @@ def job_finished(capability: str, state: JobState, seconds: float) -> None:
 def placement_made(capability: str, *, rank: int, saturated: bool) -> None:
     decision = "saturated" if saturated else "rank0" if rank == 0 else "spilled"
     PLACEMENTS.labels(capability, decision).inc()
+
+
+def cache_entry_corrupt() -> None:
+    CACHE_CORRUPT_ENTRIES.inc()
 
 
 def module_cache_lookup(level: object) -> None:

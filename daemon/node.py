@@ -32,6 +32,7 @@ from daemon.membership import MembershipView
 from daemon.modules import pin_or_explain
 from daemon.registry import Registry
 from daemon.registry.embedded import EmbeddedPostgres
+from daemon.registry.health import RegistryWatch
 from daemon.registry.listener import JOB_EVENTS, MEMBERSHIP, Listener, peer_channel
 from daemon.registry.models import Capability, CapabilitySpec
 from daemon.rescuer import Rescuer
@@ -152,7 +153,7 @@ class Node:
         view = MembershipView(registry, listener, refresh_s=max(s.peer_ttl_s / 3, 0.2))
         self._cleanup.append(view.close)
 
-        store = LocalStore(s.data_dir)
+        store = LocalStore(s.data_dir, max_bytes=s.max_store_bytes)
         cache = DiskCache(s.data_dir / "cache", max_bytes=s.cache_max_bytes)
         self._cleanup.append(lambda: asyncio.to_thread(cache.close))
 
@@ -244,6 +245,9 @@ class Node:
         await server.set_serving(False)
         await server.start()
         self._cleanup.append(lambda: server.stop(1.0))
+        watch = RegistryWatch(url, registry.pool, on_change=server.set_registry_reachable)
+        await watch.start()
+        self._cleanup.append(watch.close)
         self.address = s.advertise or server.address
 
         await self._announce(prune=True)

@@ -35,7 +35,11 @@ class ServerOptions:
 
 
 class Server:
-    """Owns the grpc.aio server and its health status."""
+    """Owns the grpc.aio server and its health status.
+
+    SERVING while the peer says it serves (`set_serving`: up, not draining) and
+    the registry answers (`set_registry_reachable`), NOT_SERVING otherwise.
+    """
 
     def __init__(
         self,
@@ -67,6 +71,8 @@ class Server:
         compute_pb2_grpc.add_PeerServiceServicer_to_server(peer, self._server)
         object_pb2_grpc.add_ObjectServiceServicer_to_server(objects, self._server)
         self.health = health.aio.HealthServicer()
+        self._serving = False
+        self._registry_reachable = True
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
@@ -84,9 +90,19 @@ class Server:
         await self._server.start()
 
     async def set_serving(self, serving: bool, services: Sequence[str] = ("",)) -> None:
+        """Whether this peer serves (started, not draining); health also needs the registry."""
+        self._serving = serving
+        await self._report(services)
+
+    async def set_registry_reachable(self, reachable: bool) -> None:
+        """Whether the registry answers; while it does not, health is NOT_SERVING."""
+        self._registry_reachable = reachable
+        await self._report()
+
+    async def _report(self, services: Sequence[str] = ("",)) -> None:
         status = (
             health_pb2.HealthCheckResponse.SERVING
-            if serving
+            if self._serving and self._registry_reachable
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         for name in (*services, *SERVICE_NAMES):

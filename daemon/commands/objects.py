@@ -19,6 +19,9 @@ from daemon.storage.refs import ObjectRef, Scheme, parse_ref
 from daemon.storage.source import DEFAULT_CONTENT_TYPE, ObjectInfo, ObjectSource
 
 DEFAULT_BUCKET = "default"
+STDOUT = "-"  # as the value of --output only; a key ending in '-' is no file name
+# Longest file name most Linux filesystems take (bytes).
+NAME_MAX = 255
 
 
 def register(subparsers: Any) -> None:
@@ -49,7 +52,10 @@ def register(subparsers: Any) -> None:
         "-o",
         "--output",
         metavar="PATH",
-        help="where to write it (default: the key's last segment; '-' for stdout)",
+        help=(
+            "where to write it (default: the key's last segment, when that is a file name;"
+            " '-' for stdout)"
+        ),
     )
     _add_target(get, required=False)
     get.add_argument(
@@ -82,13 +88,34 @@ def run_put(args: argparse.Namespace) -> int:
 
 def run_get(args: argparse.Namespace) -> int:
     ref = parse_ref(args.ref)
-    output = args.output or (ref.sha256 if ref.scheme is Scheme.SHA256 else ref.key.split("/")[-1])
-    if not output:
-        raise InvalidArgument(f"cannot name a file after {ref}: pass -o PATH")
-    info = asyncio.run(_get(args, ref, output))
-    if output != "-":
-        print(f"{output}: {info.size} bytes, sha256 {info.sha256}", file=sys.stderr)
+    if args.output == STDOUT:
+        dest = None
+    else:
+        dest, why = _destination(ref, args.output)
+        if dest is None:
+            # A usage error, like argparse's (status 2), in one line.
+            print(f"anvil-compute: {why}", file=sys.stderr)
+            return 2
+    info = asyncio.run(_get(args, ref, dest))
+    if dest is not None:
+        print(f"{dest}: {info.size} bytes, sha256 {info.sha256}", file=sys.stderr)
     return 0
+
+
+def _destination(ref: ObjectRef, output: str | None) -> tuple[Path | None, str]:
+    """The file to write: `output`, else the ref's last segment; or None and why not."""
+    if output is not None:
+        if os.path.basename(output) in ("", ".", ".."):
+            return None, f"-o {output!r} names a directory, not a file: give a file's path"
+        return Path(output), ""
+    name = (ref.sha256 or "") if ref.scheme is Scheme.SHA256 else ref.key.rpartition("/")[2]
+    if name in ("", ".", "..", STDOUT) or len(os.fsencode(name)) > NAME_MAX:
+        shown = name if len(name) <= 40 else f"{name[:40]}..."
+        return None, (
+            f"cannot name a file after {ref.location}: its last segment {shown!r} is not"
+            " a usable file name; pass -o PATH (or -o - for stdout)"
+        )
+    return Path(name), ""
 
 
 async def _put_remote(args: argparse.Namespace, path: Path, key: str) -> ObjectInfo:
@@ -98,7 +125,7 @@ async def _put_remote(args: argparse.Namespace, path: Path, key: str) -> ObjectI
         )
 
 
-async def _get(args: argparse.Namespace, ref: ObjectRef, output: str) -> ObjectInfo:
+async def _get(args: argparse.Namespace, ref: ObjectRef, output: Path | None) -> ObjectInfo:
     if ref.scheme is Scheme.S3:
         from daemon.storage.s3_client import S3Client, S3Config  # boto3 is slow to import
 
@@ -119,8 +146,11 @@ async def _get(args: argparse.Namespace, ref: ObjectRef, output: str) -> ObjectI
         return await _download(client, ref, output)
 
 
-async def _download(source: ObjectSource, ref: ObjectRef, output: str) -> ObjectInfo:
-    """Stream `ref` to `output` ('-' = stdout), verified; a file appears only if it verifies."""
+async def _download(source: ObjectSource, ref: ObjectRef, output: Path | None) -> ObjectInfo:
+    """Stream `ref` to `output` (None: stdout), verified; a file appears only if it verifies.
+
+    Raises InvalidArgument when `output` cannot be written (nothing is left behind).
+    """
     async with source.open(ref) as reader:
         info = reader.info
         if ref.sha256 is not None and info.sha256 is not None and info.sha256 != ref.sha256:
@@ -128,18 +158,20 @@ async def _download(source: ObjectSource, ref: ObjectRef, output: str) -> Object
         check = DigestCheck(
             what=str(ref), expected_sha256=ref.sha256 or info.sha256, expected_size=info.size
         )
-        if output == "-":
+        if output is None:
             async for chunk in verified_chunks(reader.chunks, check):
                 sys.stdout.buffer.write(chunk)
             sys.stdout.buffer.flush()
         else:
-            dest = Path(output)
-            with AtomicFile(dest.parent, mode=0o644) as out:
-                async for chunk in reader.chunks:
-                    check.update(chunk)
-                    await asyncio.to_thread(out.write, chunk)
-                check.finish()
-                await asyncio.to_thread(out.commit, dest)
+            try:
+                with AtomicFile(output.parent, mode=0o644) as out:
+                    async for chunk in reader.chunks:
+                        check.update(chunk)
+                        await asyncio.to_thread(out.write, chunk)
+                    check.finish()
+                    await asyncio.to_thread(out.commit, output)
+            except OSError as exc:
+                raise InvalidArgument(f"cannot write {output}: {exc.strerror or exc}") from exc
     return dataclasses.replace(info, sha256=check.finish())
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +19,7 @@ from daemon.exceptions import (
     RegistryUnavailable,
 )
 
-Pool = psycopg_pool.AsyncConnectionPool[psycopg.AsyncConnection[dict[str, Any]]]
+Connection = psycopg.AsyncConnection[dict[str, Any]]
 
 # A lost server must surface as an error within seconds, not after the kernel's
 # TCP timeouts (minutes): peers decide from it when to kill their own guests.
@@ -32,6 +33,55 @@ CONNECT_OPTIONS: dict[str, Any] = {
 }
 
 
+class Pool(psycopg_pool.AsyncConnectionPool[Connection]):
+    """The registry's pool; while the registry is known to be unreachable it hands out nothing.
+
+    `mark_unreachable` (from daemon/registry/health.py, which probes the server)
+    makes every request for a connection, and every one already waiting, fail
+    at once with PoolTimeout (RegistryUnavailable once translated), instead of
+    each waiting out the pool's timeout for a server that is not there.
+    """
+
+    _unreachable: asyncio.Future[str] | None = None
+
+    @property
+    def unreachable(self) -> bool:
+        return self._unreachable is not None and self._unreachable.done()
+
+    def mark_unreachable(self, why: str) -> None:
+        if self._unreachable is None or self._unreachable.done():
+            self._unreachable = asyncio.get_running_loop().create_future()
+        self._unreachable.set_result(why)
+
+    def mark_reachable(self) -> None:
+        if self._unreachable is not None and self._unreachable.done():
+            self._unreachable = None
+
+    async def getconn(self, timeout: float | None = None) -> Connection:
+        down = self._unreachable
+        if down is None:
+            down = self._unreachable = asyncio.get_running_loop().create_future()
+        if not down.done():
+            get = asyncio.ensure_future(super().getconn(timeout))
+            either: list[asyncio.Future[Any]] = [get, down]
+            try:
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            except BaseException:
+                await self._abandon(get)
+                raise
+            if get.done():
+                return get.result()
+            await self._abandon(get)
+        raise psycopg_pool.PoolTimeout(f"the registry is unreachable: {down.result()}")
+
+    async def _abandon(self, get: asyncio.Future[Connection]) -> None:
+        """Cancel a checkout; a connection it got all the same goes back to the pool."""
+        get.cancel()
+        await asyncio.wait([get])
+        if not get.cancelled() and get.exception() is None:
+            await self.putconn(get.result())
+
+
 async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
     # Autocommit: every named query is one statement, hence its own transaction;
     # multi-statement work opens an explicit `conn.transaction()`.
@@ -42,7 +92,7 @@ async def open_pool(
     url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 30.0
 ) -> Pool:
     """Open a pool and wait until a connection works; raise RegistryUnavailable otherwise."""
-    pool: Pool = psycopg_pool.AsyncConnectionPool(
+    pool = Pool(
         url,
         # Connections are opened up front: growing the pool under load means
         # connecting while the event loop is busiest.

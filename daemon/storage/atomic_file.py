@@ -118,7 +118,11 @@ class AtomicFile:
         except FileExistsError:
             return False
         if overwrite:
-            os.replace(target, dest)
+            try:
+                os.replace(target, dest)
+            except BaseException:
+                target.unlink(missing_ok=True)  # say `dest` is a directory: leave no temp
+                raise
         return True
 
     def __enter__(self) -> AtomicFile:

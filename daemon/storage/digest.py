@@ -77,3 +77,13 @@ def sha256_file(path: Path, *, chunk_size: int = 1 << 20) -> str:
         while chunk := src.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_matches(path: Path, *, sha256: str, size: int) -> bool:
+    """Whether a file holds exactly `size` bytes hashing to `sha256` (blocking; False if gone)."""
+    try:
+        if path.stat().st_size != size:
+            return False
+        return sha256_file(path) == sha256
+    except FileNotFoundError:
+        return False

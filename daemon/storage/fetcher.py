@@ -115,7 +115,11 @@ def _link_or_copy_sync(src: Path, dest: Path) -> None:
                 out.write(chunk)
             out.commit(dest)
         return
-    os.replace(temp, dest)
+    try:
+        os.replace(temp, dest)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
 
 
 async def pin(fetcher: Fetcher, ref: ObjectRef | str) -> ObjectRef:

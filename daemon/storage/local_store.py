@@ -3,13 +3,20 @@
 Layout under `DATA_DIR/objects/`:
     sha256/ab/abcdef…   immutable blobs named by their sha256, mode 0444
     tmp/                unnamed inodes being written (see atomic_file)
-    index.sqlite3       (bucket, key, version) -> digest, size, content type
+    index.sqlite3       (bucket, key, version) -> digest, size, content type;
+                        and the bytes the store holds (every version counted)
 
 A blob is written to an unnamed temp inode, fsync'd and linked into place
 before its index row commits, so the index never names a missing or partial
 blob. Every read re-hashes the blob and fails with DigestMismatch in place of
 its last chunk, so a flipped bit is reported and the whole object never served.
 Several processes may share one store (SQLite serialises the index).
+
+With `max_bytes`, the sizes of all versions together stay within it: a writer
+reserves its bytes as they arrive (so two concurrent puts cannot both squeeze
+into the room left), and publishing re-checks the total in the same SQLite
+transaction that indexes the version (other processes write too). A put that
+would cross the bound is refused with ResourceExhausted and leaves nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +32,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
-from daemon.exceptions import DataLoss, DigestMismatch, InvalidArgument, ObjectNotFound
+from daemon.exceptions import (
+    DataLoss,
+    DigestMismatch,
+    InvalidArgument,
+    ObjectNotFound,
+    ResourceExhausted,
+)
 from daemon.storage.atomic_file import AtomicFile, remove_stale_temps
 from daemon.storage.digest import DigestCheck
 from daemon.storage.refs import (
@@ -50,6 +63,12 @@ CREATE TABLE IF NOT EXISTS objects (
     UNIQUE (bucket, key, version_id)
 );
 CREATE INDEX IF NOT EXISTS objects_by_sha256 ON objects (sha256);
+-- The sum of objects.size, kept with every insert: the bound never scans the index.
+CREATE TABLE IF NOT EXISTS usage (
+    id    INTEGER PRIMARY KEY CHECK (id = 1),
+    bytes INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO usage (id, bytes) SELECT 1, COALESCE(SUM(size), 0) FROM objects;
 """
 _COLUMNS = "bucket, key, version_id, sha256, size, content_type"
 # A writer that died without O_TMPFILE support leaves a named temp; anything
@@ -58,9 +77,15 @@ _STALE_TEMP_SECONDS = 24 * 3600
 
 
 class LocalStore:
-    """Content-addressed objects under `data_dir/objects`; safe to share between processes."""
+    """Content-addressed objects under `data_dir/objects`; safe to share between processes.
 
-    def __init__(self, data_dir: Path) -> None:
+    `max_bytes` bounds the bytes of all versions held (0: no bound).
+    """
+
+    def __init__(self, data_dir: Path, *, max_bytes: int = 0) -> None:
+        if max_bytes < 0:
+            raise ValueError("max_bytes must be 0 (no bound) or positive")
+        self.max_bytes = max_bytes
         self.root = data_dir / "objects"
         self._blobs = self.root / "sha256"
         self._tmp = self.root / "tmp"
@@ -71,6 +96,22 @@ class LocalStore:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
+        # Bytes this process's writers have received but not yet published.
+        self._quota = threading.Lock()
+        self._reserved = 0
+        self._used = self.used_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes held: the sizes of every stored version, by every process."""
+        with self._connect() as db:
+            row = db.execute("SELECT bytes FROM usage WHERE id = 1").fetchone()
+        return int(row[0])
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Bytes this process's writers have received and not yet published or dropped."""
+        return self._reserved
 
     def writer(
         self,
@@ -81,6 +122,8 @@ class LocalStore:
         sha256: str | None = None,
     ) -> BlobWriter:
         """Start writing a new version of bucket/key; raises InvalidArgument on bad names."""
+        if self.max_bytes:
+            self._settle(0, used=self.used_bytes)  # what other processes stored meanwhile
         return BlobWriter(
             self,
             bucket=validate_bucket(bucket),
@@ -178,33 +221,80 @@ class LocalStore:
     def blob_path(self, sha256: str) -> Path:
         return self._blobs / sha256[:2] / sha256
 
-    def _store_blob(self, out: AtomicFile, digest: str) -> None:
-        dest = self.blob_path(digest)
-        dest.parent.mkdir(exist_ok=True)
-        # Relinking an existing digest replaces a blob that may have rotted with
-        # bytes just verified; readers of the old inode are unaffected.
-        out.commit(dest, overwrite=True)
+    def _reserve(self, size: int, what: str) -> None:
+        """Set `size` more bytes aside for a writer; raises ResourceExhausted past the bound."""
+        if not self.max_bytes or not size:
+            return
+        with self._quota:
+            if self._used + self._reserved + size > self.max_bytes:
+                raise self._full(what, self._used, self._reserved + size)
+            self._reserved += size
 
-    def _add_version(self, info: ObjectInfo) -> None:
-        with self._connect() as db, db:
-            db.execute(
-                "INSERT INTO objects"
-                " (bucket, key, version_id, sha256, size, content_type, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    info.bucket,
-                    info.key,
-                    info.version_id,
-                    info.sha256,
-                    info.size,
-                    info.content_type,
-                    time.time(),
-                ),
-            )
+    def _settle(self, reserved: int, *, used: int | None = None) -> None:
+        """Give back a writer's reservation, as its bytes now count as held (`used`) or not."""
+        with self._quota:
+            if self.max_bytes:
+                self._reserved -= reserved
+            if used is not None:
+                self._used = used
+
+    def _full(self, what: str, used: int, adding: int) -> ResourceExhausted:
+        return ResourceExhausted(
+            f"{what} refused: the store would hold more than max_store_bytes"
+            f" ({self.max_bytes} bytes; {used} held, {adding} more being stored)"
+        )
+
+    def _publish(self, out: AtomicFile, info: ObjectInfo, *, reserved: int) -> None:
+        """Check the bound, link the blob into place and index its version, atomically.
+
+        The index's write lock is held from the check to the insert, so writers
+        in other processes cannot both pass the check with the last free bytes.
+        Raises ResourceExhausted before anything is visible. Either way the
+        writer's `reserved` bytes are given back.
+        """
+        held: int | None = None
+        try:
+            with self._connect(autocommit=True) as db:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    (used,) = db.execute("SELECT bytes FROM usage WHERE id = 1").fetchone()
+                    if self.max_bytes and used + info.size > self.max_bytes:
+                        raise self._full(f"upload of {info.bucket}/{info.key}", used, info.size)
+                    dest = self.blob_path(info.sha256 or "")
+                    dest.parent.mkdir(exist_ok=True)
+                    # Relinking an existing digest replaces a blob that may have
+                    # rotted with bytes just verified; readers of the old inode
+                    # are unaffected.
+                    out.commit(dest, overwrite=True)
+                    db.execute(
+                        "INSERT INTO objects"
+                        " (bucket, key, version_id, sha256, size, content_type, created_at)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            info.bucket,
+                            info.key,
+                            info.version_id,
+                            info.sha256,
+                            info.size,
+                            info.content_type,
+                            time.time(),
+                        ),
+                    )
+                    db.execute("UPDATE usage SET bytes = bytes + ? WHERE id = 1", (info.size,))
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+            held = used + info.size
+        finally:
+            self._settle(reserved, used=held)
 
     @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self._index, timeout=30.0)
+    def _connect(self, *, autocommit: bool = False) -> Iterator[sqlite3.Connection]:
+        # autocommit: the caller issues BEGIN and COMMIT itself.
+        db = sqlite3.connect(
+            self._index, timeout=30.0, isolation_level=None if autocommit else "DEFERRED"
+        )
         try:
             yield db
         finally:
@@ -224,10 +314,21 @@ class BlobWriter:
         self._check = DigestCheck(what=f"upload of {bucket}/{key}", expected_sha256=sha256)
         self._file = AtomicFile(store._tmp)
         self._digest: str | None = None
+        self._reserved = 0
+        # `abort` may come from a cancelled task while a worker thread writes.
+        self._lock = threading.Lock()
 
     def write(self, chunk: bytes) -> None:
-        self._check.update(chunk)
-        self._file.write(chunk)
+        """Append a chunk; raises ResourceExhausted (the store is full: nothing is kept)."""
+        try:
+            self._store._reserve(len(chunk), f"upload of {self.bucket}/{self.key}")
+            with self._lock:
+                self._reserved += len(chunk)
+            self._check.update(chunk)
+            self._file.write(chunk)
+        except BaseException:
+            self.abort()
+            raise
 
     def commit(self) -> ObjectInfo:
         """Verify, store durably and index; raises DigestMismatch (nothing stored)."""
@@ -247,10 +348,12 @@ class BlobWriter:
         self._file.sync()
 
     def publish(self) -> ObjectInfo:
-        """Link the sealed blob into place and index it as the newest version."""
+        """Link the sealed blob into place and index it as the newest version.
+
+        Raises ResourceExhausted (nothing stored) when the store filled up meanwhile.
+        """
         if self._digest is None:
             raise ValueError("publish() before seal()")
-        self._store._store_blob(self._file, self._digest)
         info = ObjectInfo(
             bucket=self.bucket,
             key=self.key,
@@ -260,11 +363,20 @@ class BlobWriter:
             etag=self._digest,
             content_type=self.content_type,
         )
-        self._store._add_version(info)
+        with self._lock:
+            reserved, self._reserved = self._reserved, 0
+        try:
+            self._store._publish(self._file, info, reserved=reserved)
+        finally:
+            self._file.abort()
         return info
 
     def abort(self) -> None:
+        """Discard the bytes unless published, and give their reservation back; idempotent."""
         self._file.abort()
+        with self._lock:
+            reserved, self._reserved = self._reserved, 0
+        self._store._settle(reserved)
 
     def __enter__(self) -> BlobWriter:
         return self

@@ -4,7 +4,7 @@ Wire-compatible with Anvil's own service (DESIGN §5): the first message of a
 PutObject stream is metadata, then chunks; GetObject answers metadata, then
 chunks. Status codes: INVALID_ARGUMENT (bad names, metadata not first),
 NOT_FOUND, DATA_LOSS (a digest mismatch, on upload or in the stored bytes),
-RESOURCE_EXHAUSTED (disk full).
+RESOURCE_EXHAUSTED (disk full, or the store's max_store_bytes reached).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import pytest
 from grpc import aio
 
 from daemon.convert import PROTO_TO_JOB_STATE
+from daemon.exceptions import ResourceExhausted
 from daemon.jobstate import JobState
 from daemon.pb.anvil import compute_pb2
 from tests.e2e.cluster import Peer, PeerFactory
@@ -80,6 +81,40 @@ async def test_every_example_capability_end_to_end(peer: Peer, tmp_path: Path) -
     assert re.fullmatch(r"anvil://anvil-results/.+\?sha256=[0-9a-f]{64}", resized_ref)
     predictions = json.loads(final["digits"].output)
     assert predictions["count"] == 1 and len(predictions["predictions"]) == 1
+
+
+async def test_a_corrupt_cached_input_is_fetched_again_not_fed_to_the_guest(
+    peer: Peer, tmp_path: Path
+) -> None:
+    text = "alpha beta gamma\n" * 1000
+    (tmp_path / "words.txt").write_text(text)
+    async with peer.client() as client:
+        ref = await client.upload(tmp_path / "words.txt")
+        first = await client.wait((await client.submit("text:wordcount", inputs=[ref])).job_id)
+        assert state(first) is JobState.SUCCEEDED, first.error
+        # A failing disk turns "alpha" into "alphb" in the peer's cached copy.
+        entry = peer.data_dir / "cache" / "objects" / ref.rpartition("sha256=")[2]
+        entry.chmod(0o644)
+        with entry.open("r+b") as f:
+            f.seek(4)
+            f.write(b"b")
+        second = await client.wait((await client.submit("text:wordcount", inputs=[ref])).job_id)
+    assert state(second) is JobState.SUCCEEDED, second.error
+    assert json.loads(second.output) == json.loads(first.output)
+    assert json.loads(second.output)["words"] == 3000
+    assert await asyncio.to_thread(peer.metric, "anvil_compute_cache_corrupt_entries_total") == 1
+
+
+async def test_max_store_bytes_refuses_an_upload_with_resource_exhausted(
+    peers: PeerFactory, tmp_path: Path
+) -> None:
+    peer = await asyncio.to_thread(peers.start, ANVIL_MAX_STORE_BYTES=str(1 << 20))
+    (tmp_path / "small").write_bytes(b"x" * 1000)
+    (tmp_path / "big").write_bytes(b"y" * (2 << 20))
+    async with peer.client() as client:
+        await client.upload(tmp_path / "small")
+        with pytest.raises(ResourceExhausted, match="max_store_bytes"):
+            await client.upload(tmp_path / "big")
 
 
 async def test_watch_sees_queued_running_succeeded(peer: Peer) -> None:

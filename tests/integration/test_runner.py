@@ -24,6 +24,7 @@ from daemon.storage.fabric import Fabric
 from daemon.storage.fetcher import Fetcher
 from daemon.storage.local_store import LocalStore
 from daemon.watch import JobEventHub
+from tests.registry_link import RegistryLink
 
 
 class NeverAnswers:
@@ -116,45 +117,6 @@ async def test_a_hung_executor_cannot_keep_a_job_running_for_ever(
     assert final.state is JobState.TIMED_OUT
     assert "did not finish the job within 0.8 s" in final.error
     assert executor.cancelled == 1, "the hung call was cancelled, so its guest is killed"
-
-
-class RegistryLink:
-    """A TCP hop between the runner and PostgreSQL that the test can cut, as a
-    network partition would: every connection dropped, new ones refused."""
-
-    def __init__(self, database_url: str) -> None:
-        from psycopg.conninfo import conninfo_to_dict
-
-        params = conninfo_to_dict(database_url)
-        self._socket = f"{params['host']}/.s.PGSQL.{params.get('port') or 5432}"
-        self._dbname = str(params["dbname"])
-        self._user = str(params.get("user") or "postgres")
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> str:
-        self._server = await asyncio.start_server(self._pipe, "127.0.0.1", 0)
-        port = self._server.sockets[0].getsockname()[1]
-        return f"host=127.0.0.1 port={port} user={self._user} dbname={self._dbname}"
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_unix_connection(self._socket)
-        self._writers += [writer, up_writer]
-
-        async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(ConnectionError, OSError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.close()
-
-        await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))
-
-    async def cut(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in self._writers:
-            writer.transport.abort()
 
 
 class Sleeps:

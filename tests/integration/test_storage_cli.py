@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from grpc import aio
@@ -167,3 +168,47 @@ async def test_put_needs_a_target(src: Path) -> None:
     code, _, err = await cli("put", src)
     assert code == 2
     assert "one of the arguments --endpoint --data-dir is required" in err
+
+
+async def put_as(endpoint: str, src: Path, key: str) -> None:
+    code, _, err = await cli("put", src, "--key", key, "--endpoint", endpoint)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("key", ["dir/.", "dir/..", "dir/-", "-", "..", "dir/", "x" * 300])
+async def test_a_key_that_names_no_file_needs_an_output(
+    src: Path, tmp_path: Path, endpoint: str, key: str
+) -> None:
+    await put_as(endpoint, src, key)
+    work = tmp_path / "work"
+    (work / "dir").mkdir(parents=True)
+    ref = f"anvil://default/{quote(key)}"
+    code, out, err = await cli("get", ref, "--endpoint", endpoint, cwd=work)
+    assert code == 2, err
+    assert out == b""  # never stdout because the key ends in '-'
+    assert err.startswith("anvil-compute: ") and err.count("\n") == 1, err
+    assert "-o PATH" in err
+    assert sorted(p.name for p in work.rglob("*")) == ["dir"]
+    # Named explicitly, the same object is fetched; '-' as the flag's value is stdout.
+    code, _, err = await cli("get", ref, "--endpoint", endpoint, "-o", "named", cwd=work)
+    assert code == 0, err
+    assert content(work / "named") == content(src)
+    code, out, err = await cli("get", ref, "--endpoint", endpoint, "-o", "-", cwd=work)
+    assert (code, out) == (0, content(src)), err
+
+
+@pytest.mark.parametrize("output", [".", "..", "exists", "no/such/dir/out", ""])
+async def test_an_unwritable_output_is_one_line_and_leaves_no_temp(
+    src: Path, tmp_path: Path, endpoint: str, output: str
+) -> None:
+    await put_as(endpoint, src, "k")
+    work = tmp_path / "a" / "work"
+    (work / "exists").mkdir(parents=True)
+    code, out, err = await cli(
+        "get", "anvil://default/k", "--endpoint", endpoint, "-o", output, cwd=work
+    )
+    assert code in (1, 2), err
+    assert err.startswith("anvil-compute: ") and err.count("\n") == 1, err
+    assert out == b""
+    leftovers = [p for p in (tmp_path / "a").rglob("*") if p.name != "exists"]
+    assert [p.name for p in leftovers] == ["work"]

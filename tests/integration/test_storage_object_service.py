@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
 import os
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -18,9 +20,15 @@ from daemon.pb.anvil import object_pb2, object_pb2_grpc
 from daemon.status import ErrorInterceptor
 from daemon.storage.anvil_client import AnvilClient
 from daemon.storage.cache import DiskCache
+from daemon.storage.fabric import FORWARDED_HEADER, Fabric, Owner
+from daemon.storage.fabric_service import FabricObjectService
 from daemon.storage.fetcher import Fetcher
 from daemon.storage.local_store import LocalStore
-from daemon.storage.object_service import GRPC_OPTIONS, add_object_service
+from daemon.storage.object_service import (
+    GRPC_OPTIONS,
+    ObjectServiceServicer,
+    add_object_service,
+)
 from daemon.storage.refs import parse_ref
 
 MiB = 1 << 20
@@ -275,3 +283,75 @@ async def test_unreachable_peer_is_unavailable() -> None:
     async with AnvilClient.connect("127.0.0.1:1", timeout=5) as client:
         with pytest.raises(Unavailable):
             await client.head(parse_ref("anvil://b/k"))
+
+
+@contextlib.asynccontextmanager
+async def serving(servicer: object_pb2_grpc.ObjectServiceServicer) -> AsyncIterator[str]:
+    """An ObjectService on loopback behind the daemon's error interceptor; yields its address."""
+    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[ErrorInterceptor()])
+    object_pb2_grpc.add_ObjectServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
+
+
+async def put_over_grpc(address: str, key: str, data: bytes) -> Any:
+    async with grpc.aio.insecure_channel(address, options=GRPC_OPTIONS) as channel:
+        stub = object_pb2_grpc.ObjectServiceStub(channel)
+        pieces = [chunk(data[i : i + MiB]) for i in range(0, len(data), MiB)]
+        return await put_raw(stub, meta(bucket_name="b", object_key=key), *pieces)
+
+
+async def test_a_put_past_max_store_bytes_is_resource_exhausted(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "data", max_bytes=3 * MiB)
+    async with serving(ObjectServiceServicer(store)) as address:
+        await put_over_grpc(address, "first", os.urandom(2 * MiB))
+        with pytest.raises(grpc.aio.AioRpcError) as raw:
+            await put_over_grpc(address, "second", os.urandom(2 * MiB))
+        assert raw.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_store_bytes" in (raw.value.details() or "")
+        with pytest.raises(ObjectNotFound):
+            store.head("b", "second")
+        assert (store.used_bytes, store.reserved_bytes) == (2 * MiB, 0)
+        # The refusal cost nothing: what still fits is taken.
+        await put_over_grpc(address, "second", os.urandom(MiB))
+    assert store.used_bytes == 3 * MiB
+
+
+async def test_a_put_forwarded_to_a_full_owner_is_resource_exhausted(tmp_path: Path) -> None:
+    front_id, owner_id = uuid.UUID(int=1), uuid.UUID(int=2)
+    addresses: dict[uuid.UUID, str] = {}
+
+    def owners(key: str) -> list[Owner]:
+        return [Owner(owner_id, addresses[owner_id]), Owner(front_id, addresses[front_id])]
+
+    def connect(address: str) -> AnvilClient:
+        return AnvilClient.connect(address, metadata=lambda: [(FORWARDED_HEADER, "1")])
+
+    owner_store = LocalStore(tmp_path / "owner", max_bytes=MiB)
+    front_store = LocalStore(tmp_path / "front")
+    owner = Fabric(store=owner_store, peer_id=owner_id, owners=owners, connect=connect)
+    front = Fabric(store=front_store, peer_id=front_id, owners=owners, connect=connect)
+    async def no_jobs(job_id: uuid.UUID) -> str | None:
+        return None
+
+    # No auth on these servers (no claims): every caller may read and write.
+    async with (
+        serving(FabricObjectService(owner, owner_of=no_jobs)) as addresses[owner_id],
+        serving(FabricObjectService(front, owner_of=no_jobs)) as addresses[front_id],
+    ):
+        await put_over_grpc(addresses[front_id], "small", b"fits")
+        assert owner_store.head("b", "small").size == 4  # forwarded to the owner
+        with pytest.raises(grpc.aio.AioRpcError) as raw:
+            await put_over_grpc(addresses[front_id], "big", os.urandom(2 * MiB))
+        await front.close()
+        await owner.close()
+    assert raw.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_store_bytes" in (raw.value.details() or "")
+    for store in (owner_store, front_store):
+        with pytest.raises(ObjectNotFound):
+            store.head("b", "big")
+    assert owner_store.used_bytes == 4

@@ -137,3 +137,12 @@ def test_sha256_file(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_bytes(os.urandom(3 << 20))
     assert sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_commit_that_cannot_replace_its_destination_leaves_no_temp(tmp_path: Path) -> None:
+    (tmp_path / "a-directory").mkdir()
+    with AtomicFile(tmp_path) as out:
+        out.write(b"bytes")
+        with pytest.raises(IsADirectoryError):
+            out.commit(tmp_path / "a-directory")
+    assert os.listdir(tmp_path) == ["a-directory"]

@@ -5,13 +5,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from daemon.exceptions import DigestMismatch, ObjectNotFound, ResourceExhausted, Unavailable
+from daemon import metrics
+from daemon.exceptions import (
+    DigestMismatch,
+    ErrorCode,
+    ObjectNotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from daemon.storage.cache import DiskCache
 from daemon.storage.local_store import LocalSource, LocalStore
 from daemon.storage.refs import ObjectRef, parse_ref
@@ -277,3 +285,114 @@ async def test_entries_survive_a_restart_in_lru_order(store: LocalStore, tmp_pat
         async with cache.get(refs[2].location, lambda: source.open(refs[2])) as obj:
             assert obj.size == MiB
     assert source.opens == 3 + 1  # the last get had no digest to find the copy by
+
+
+def flip_byte(path: Path, offset: int = 0) -> None:
+    """Corrupt one bit of a cache entry in place, as a failing disk would."""
+    path.chmod(0o644)
+    with path.open("r+b") as f:
+        f.seek(offset)
+        (byte,) = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x01]))
+    path.chmod(0o444)
+
+
+def corrupt_count() -> float:
+    return metrics.REGISTRY.get_sample_value("anvil_compute_cache_corrupt_entries_total") or 0.0
+
+
+async def test_a_corrupt_entry_is_dropped_and_fetched_again(
+    store: LocalStore, cache: DiskCache, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = os.urandom(MiB + 7)
+    ref = put(store, "k", data)
+    source = CountingSource(store)
+    async with cache.get(ref.location, lambda: source.open(ref), expected_sha256=ref.sha256) as obj:
+        entry = obj.path
+    flip_byte(entry, offset=MiB)
+    before = corrupt_count()
+    with caplog.at_level(logging.WARNING, logger="daemon.storage.cache"):
+        async with cache.get(
+            ref.location, lambda: source.open(ref), expected_sha256=ref.sha256
+        ) as obj:
+            assert obj.path.read_bytes() == data
+    assert source.opens == 2  # fetched anew from the source
+    assert corrupt_count() == before + 1
+    assert any("does not match its sha256" in r.getMessage() for r in caplog.records)
+    assert cache_files(cache) == [sha(data)]
+    assert cache.used_bytes == len(data)
+
+
+async def test_every_hit_verifies_even_by_alias(store: LocalStore, cache: DiskCache) -> None:
+    data = os.urandom(64 * 1024)
+    ref = parse_ref("anvil://b/plain")
+    store.put_bytes(data, bucket="b", key="plain")
+    source = CountingSource(store, claim_sha256="none")  # found again only by its key
+    for round_ in range(3):
+        async with cache.get("b/plain@v1", lambda: source.open(ref)) as obj:
+            assert obj.path.read_bytes() == data
+            path = obj.path
+        flip_byte(path, offset=round_)
+    async with cache.get("b/plain@v1", lambda: source.open(ref)) as obj:
+        assert obj.path.read_bytes() == data
+    assert source.opens == 4  # the first fill, then one per corruption
+
+
+async def test_a_hit_while_another_caller_holds_the_entry_still_checks_it(
+    store: LocalStore, cache: DiskCache
+) -> None:
+    data = os.urandom(256 * 1024)
+    ref = put(store, "k", data)
+    source = CountingSource(store)
+    async with cache.get(
+        ref.location, lambda: source.open(ref), expected_sha256=ref.sha256
+    ) as held:
+        flip_byte(held.path, offset=10)  # rewritten while pinned: the shared check is void
+        async with cache.get(
+            ref.location, lambda: source.open(ref), expected_sha256=ref.sha256
+        ) as obj:
+            assert obj.path.read_bytes() == data
+    assert source.opens == 2
+
+
+async def test_concurrent_hits_on_a_corrupt_entry_share_one_refetch(
+    store: LocalStore, cache: DiskCache
+) -> None:
+    data = os.urandom(2 * MiB)
+    ref = put(store, "k", data)
+    source = CountingSource(store)
+    async with cache.get(ref.location, lambda: source.open(ref), expected_sha256=ref.sha256) as obj:
+        path = obj.path
+    flip_byte(path, offset=5)
+    before = corrupt_count()
+
+    async def fetch() -> str:
+        async with cache.get(
+            ref.location, lambda: source.open(ref), expected_sha256=ref.sha256
+        ) as obj:
+            return sha(obj.path.read_bytes())
+
+    assert await asyncio.gather(*(fetch() for _ in range(10))) == [sha(data)] * 10
+    assert source.opens == 2
+    assert corrupt_count() == before + 1
+    assert (cache.used_bytes, cache.reserved_bytes) == (len(data), 0)
+
+
+async def test_corrupt_in_the_cache_and_at_the_source_is_data_loss(
+    store: LocalStore, cache: DiskCache
+) -> None:
+    data = os.urandom(128 * 1024)
+    ref = put(store, "k", data)
+    source = CountingSource(store)
+    async with cache.get(ref.location, lambda: source.open(ref), expected_sha256=ref.sha256) as obj:
+        path = obj.path
+    flip_byte(path)
+    source.tamper = lambda c: b"Y" + c[1:]
+    source.claim_sha256 = "none"
+    with pytest.raises(DigestMismatch) as caught:
+        async with cache.get(ref.location, lambda: source.open(ref), expected_sha256=ref.sha256):
+            pass
+    assert caught.value.code is ErrorCode.DATA_LOSS
+    assert cache_files(cache) == []
+    assert (cache.used_bytes, cache.reserved_bytes) == (0, 0)

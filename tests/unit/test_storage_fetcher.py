@@ -94,3 +94,40 @@ async def test_fetch_to_places_a_read_only_copy(
     assert hashlib.sha256(dest.read_bytes()).hexdigest() == placed.sha256
     assert dest.stat().st_mode & 0o222 == 0
     assert os.listdir(dest.parent) == ["k.bin"]
+
+
+def flip_byte(path: Path, offset: int = 0) -> None:
+    path.chmod(0o644)
+    with path.open("r+b") as f:
+        f.seek(offset)
+        (byte,) = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x80]))
+    path.chmod(0o444)
+
+
+@pytest.mark.parametrize("pinned", [True, False], ids=["pinned", "plain"])
+async def test_a_corrupt_cached_input_is_refetched_not_served(
+    store: LocalStore, cache: DiskCache, tmp_path: Path, pinned: bool
+) -> None:
+    data = os.urandom(MiB)
+    info = store.put_bytes(data, bucket="b", key="k")
+    ref = f"anvil://b/k?sha256={info.sha256}" if pinned else "anvil://b/k"
+    fetcher = Fetcher(cache, local=store)
+    async with fetcher.open(ref) as obj:
+        entry = obj.path
+    flip_byte(entry, offset=MiB // 2)
+    (tmp_path / "job").mkdir()
+    placed = await fetcher.fetch_to(ref, tmp_path / "job" / "input")
+    assert placed.path.read_bytes() == data
+    assert entry.read_bytes() == data  # the entry itself was replaced by good bytes
+
+
+async def test_fetch_to_a_directory_fails_and_leaves_no_temp(
+    store: LocalStore, cache: DiskCache, tmp_path: Path
+) -> None:
+    store.put_bytes(b"data", bucket="b", key="k")
+    (tmp_path / "job" / "taken").mkdir(parents=True)
+    with pytest.raises(IsADirectoryError):
+        await Fetcher(cache, local=store).fetch_to("anvil://b/k", tmp_path / "job" / "taken")
+    assert os.listdir(tmp_path / "job") == ["taken"]

@@ -7,11 +7,18 @@ import hashlib
 import os
 import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from daemon.exceptions import DataLoss, DigestMismatch, InvalidArgument, ObjectNotFound
+from daemon.exceptions import (
+    DataLoss,
+    DigestMismatch,
+    InvalidArgument,
+    ObjectNotFound,
+    ResourceExhausted,
+)
 from daemon.storage.atomic_file import TEMP_PREFIX
 from daemon.storage.local_store import LocalStore
 
@@ -203,3 +210,115 @@ def test_latest_pages_through_each_keys_newest_version(store: LocalStore) -> Non
     assert ("b", "k1", digest[b"v2-1"]) in seen
     assert ("c", "k1", digest[b"other"]) in seen
     assert {(b, k) for b, k, _ in seen} == {("b", f"k{i}") for i in range(5)} | {("c", "k1")}
+
+
+BOUND = 10 * CHUNK
+
+
+@pytest.fixture
+def bounded(tmp_path: Path) -> LocalStore:
+    return LocalStore(tmp_path / "bounded", max_bytes=BOUND)
+
+
+def open_temps(store: LocalStore) -> list[str]:
+    """Files of this process still open in the store's temp directory (unnamed inodes too)."""
+    tmp = str(store.root / "tmp")
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return [link for link in links if link.startswith(tmp)]
+
+
+def test_a_put_past_max_bytes_is_refused_and_leaves_nothing(bounded: LocalStore) -> None:
+    bounded.put_bytes(os.urandom(6 * CHUNK), bucket="b", key="first")
+    before = files_under(bounded.root)
+    with pytest.raises(ResourceExhausted, match=f"max_store_bytes \\({BOUND} bytes"):
+        bounded.put_bytes(os.urandom(5 * CHUNK), bucket="b", key="second")
+    assert files_under(bounded.root) == before
+    assert open_temps(bounded) == []
+    with pytest.raises(ObjectNotFound):
+        bounded.head("b", "second")
+    assert (bounded.used_bytes, bounded.reserved_bytes) == (6 * CHUNK, 0)
+    bounded.put_bytes(os.urandom(4 * CHUNK), bucket="b", key="second")  # exactly up to it
+    assert bounded.used_bytes == BOUND
+    with pytest.raises(ResourceExhausted):
+        bounded.put_bytes(b"x", bucket="b", key="third")
+
+
+def test_no_bound_by_default(store: LocalStore) -> None:
+    store.put_bytes(os.urandom(BOUND * 4), bucket="b", key="big")
+    assert store.used_bytes == BOUND * 4
+
+
+def test_every_version_counts_and_the_total_survives_a_restart(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "d", max_bytes=BOUND)
+    for _ in range(3):  # one blob, three versions: each holds its bytes
+        store.put_bytes(b"v" * 3 * CHUNK, bucket="b", key="k")
+    assert store.used_bytes == 9 * CHUNK
+    again = LocalStore(tmp_path / "d", max_bytes=BOUND)
+    assert again.used_bytes == 9 * CHUNK
+    with pytest.raises(ResourceExhausted):
+        again.put_bytes(b"x" * (CHUNK + 1), bucket="b", key="k")
+
+
+def test_a_store_written_before_the_bound_existed_is_counted_at_start(tmp_path: Path) -> None:
+    LocalStore(tmp_path / "d").put_bytes(os.urandom(7 * CHUNK), bucket="b", key="old")
+    index = tmp_path / "d" / "objects" / "index.sqlite3"
+    with contextlib.closing(sqlite3.connect(index)) as db, db:
+        db.execute("DROP TABLE usage")  # as an index from before the bound looks
+    store = LocalStore(tmp_path / "d", max_bytes=BOUND)
+    assert store.used_bytes == 7 * CHUNK
+    with pytest.raises(ResourceExhausted):
+        store.put_bytes(os.urandom(4 * CHUNK), bucket="b", key="new")
+
+
+def test_concurrent_writers_reserve_their_bytes(bounded: LocalStore) -> None:
+    with bounded.writer(bucket="b", key="a") as a, bounded.writer(bucket="b", key="b") as b:
+        a.write(os.urandom(6 * CHUNK))
+        # Refused while streaming: the room left is a's until a ends.
+        with pytest.raises(ResourceExhausted, match="max_store_bytes"):
+            b.write(os.urandom(5 * CHUNK))
+        a.commit()
+    assert (bounded.used_bytes, bounded.reserved_bytes) == (6 * CHUNK, 0)
+    with pytest.raises(ObjectNotFound):
+        bounded.head("b", "b")
+    assert open_temps(bounded) == []
+
+
+def test_racing_puts_never_cross_the_bound(bounded: LocalStore) -> None:
+    def put(i: int) -> bool:
+        try:
+            with bounded.writer(bucket="b", key=f"k{i}") as out:
+                for _ in range(3):
+                    out.write(os.urandom(CHUNK))
+                out.commit()
+        except ResourceExhausted:
+            return False
+        return True
+
+    with ThreadPoolExecutor(8) as pool:
+        stored = sum(pool.map(put, range(8)))
+    assert 1 <= stored <= 3
+    assert bounded.used_bytes == stored * 3 * CHUNK <= BOUND
+    assert bounded.reserved_bytes == 0
+    assert open_temps(bounded) == []
+
+
+def test_writers_in_two_processes_cannot_both_take_the_last_room(tmp_path: Path) -> None:
+    # Two handles on one directory, as two processes have: neither sees the
+    # other's reservation, so publishing checks the index itself.
+    one = LocalStore(tmp_path / "d", max_bytes=BOUND)
+    two = LocalStore(tmp_path / "d", max_bytes=BOUND)
+    with one.writer(bucket="b", key="a") as a, two.writer(bucket="b", key="b") as b:
+        a.write(os.urandom(6 * CHUNK))
+        b.write(os.urandom(6 * CHUNK))
+        a.commit()
+        before = files_under(two.root)
+        with pytest.raises(ResourceExhausted, match="max_store_bytes"):
+            b.commit()
+        assert files_under(two.root) == before
+    with pytest.raises(ObjectNotFound):
+        two.head("b", "b")
+    assert one.used_bytes == two.used_bytes == 6 * CHUNK
+    assert open_temps(two) == []
