@@ -2,7 +2,8 @@
 
 Nothing here skips: without Podman these tests fail (CI installs it with
 .ci/install-podman.sh). Every container the suite starts carries the label
-`anvil-compute.owner`; the service fixture fails the suite if any is left.
+`anvil-compute.owner`; the service fixture (conftest.py) fails the suite if
+any is left. The attacks of issue 27 are in test_podman_sandbox.py.
 """
 
 from __future__ import annotations
@@ -11,17 +12,13 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import re
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import podman
 import pytest
 
 from daemon import config
@@ -59,50 +56,6 @@ CONTAINERS_DIR = REPO / "guest_modules" / "containers"
 BUILD_SCRIPT = CONTAINERS_DIR / "build_busybox_image.py"
 OWNER = "anvil-tests"
 TEXT = "the quick brown fox\njumps over the lazy dog\n"  # 9 words
-
-
-@pytest.fixture(scope="session")
-def podman_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A private Podman service; afterwards, no container of ours may be left."""
-    service = PodmanService(
-        tmp_path_factory.mktemp("podman"), containers_conf=CONTAINERS_DIR / "containers.conf"
-    )
-    socket_path = service.start()
-    try:
-        yield socket_path
-        with podman.PodmanClient(base_url=f"http+unix://{socket_path}") as client:
-            left = client.containers.list(all=True, filters={"label": LABEL_OWNER})
-            names = [c.name for c in left]
-            for container in left:
-                container.remove(force=True)
-        assert names == [], f"containers left behind: {names}"
-    finally:
-        service.stop()
-
-
-@pytest.fixture(scope="session")
-async def busybox_archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """The example image as an OCI archive, built by the script; (archive, `sha256:<id>`)."""
-    archive = tmp_path_factory.mktemp("image") / "busybox.oci.tar"
-    built = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, str(BUILD_SCRIPT), "--output", str(archive), "--no-load"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    image_id = built.stdout.strip()
-    assert re.fullmatch(r"sha256:[0-9a-f]{64}", image_id), built.stdout
-    return archive, image_id
-
-
-@pytest.fixture(scope="session")
-async def busybox_image(podman_socket: Path, busybox_archive: tuple[Path, str]) -> str:
-    """The example image, loaded through the API. Its id, `sha256:…`."""
-    archive, image_id = busybox_archive
-    async with PodmanExecutor(podman_socket, owner=OWNER) as ex:
-        assert await ex.load_image(archive) == (image_id.removeprefix("sha256:"),)
-    return image_id
 
 
 @pytest.fixture
