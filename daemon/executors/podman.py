@@ -656,17 +656,20 @@ class PodmanExecutor:
 
         return await self._call(call)
 
-    async def _exit_code(self, exec_id: str) -> int | None:
-        """The exec'd command's exit code once Podman has recorded it (None after 30 s)."""
-        delay, deadline = 0.005, time.monotonic() + 30
-        while time.monotonic() < deadline:
+    async def _exit_code(self, exec_id: str) -> int:
+        """The exec'd command's exit code, once Podman has recorded it.
+
+        Its streams can end before it does (a guest may close them): the
+        caller's deadline bounds the wait.
+        """
+        delay = 0.005
+        while True:
             session = await self._api("get", f"/exec/{exec_id}/json")
             code = session.get("ExitCode")
             if not session.get("Running") and isinstance(code, int):
                 return code
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.2)
-        return None
 
     async def _kill(self, container_id: str) -> None:
         try:
