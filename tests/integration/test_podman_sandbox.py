@@ -79,6 +79,7 @@ __attribute__((force_align_arg_pointer)) void _start(void) {
     report("io_uring_setup", sys6(425, 1, 0, 0, 0, 0, 0));
     report("perf_event_open", sys6(298, 0, 0, -1, -1, 0, 0));
     report("setns", sys6(308, 0, 0, 0, 0, 0, 0));
+    report("vsock", sys6(41, 40, 1, 0, 0, 0, 0));  /* AF_VSOCK: a way to the host past netns */
     report("unshare", sys6(272, 0x10000000 | 0x20000, 0, 0, 0, 0, 0));  /* last: it would stick */
     report("getpid", sys6(39, 0, 0, 0, 0, 0, 0) > 0 ? 0 : -1);
     sys6(231, 0, 0, 0, 0, 0, 0);
@@ -287,6 +288,7 @@ async def test_namespaces_mount_keyctl_and_ptrace_are_refused(
         "io_uring_setup": EPERM,
         "perf_event_open": EPERM,
         "setns": EPERM,
+        "vsock": EPERM,
         "unshare": EPERM,
         "getpid": 0,  # the probe itself works
     }

@@ -30,7 +30,8 @@ DENIED = {
     "kexec_file_load", "init_module", "finit_module", "delete_module", "reboot", "swapon",
     "swapoff", "acct", "syslog", "quotactl", "open_by_handle_at", "lookup_dcookie",
     "settimeofday", "clock_settime", "iopl", "ioperm", "vm86", "uselib", "fanotify_init",
-    "sethostname", "setdomainname", "personality",  # personality: only harmless values, below
+    "sethostname", "setdomainname", "socketcall",  # 32-bit x86: sockets past the family filter
+    "personality", "socket",  # allowed only with the arguments checked below
 }  # fmt: skip
 CLONE_NEW = {  # every namespace flag clone(2) takes
     "CLONE_NEWNS": 0x00020000,
@@ -66,6 +67,8 @@ def test_seccomp_profile_allows_no_escape_hatch() -> None:
         assert arg["value"] & bit, flag
     (clone3,) = [r for r in rules if r["names"] == ["clone3"]]
     assert (clone3["action"], clone3["errnoRet"]) == ("SCMP_ACT_ERRNO", 38)  # ENOSYS
+    (socket,) = [r for r in rules if r["names"] == ["socket"]]
+    assert socket["args"] == [{"index": 0, "value": 40, "valueTwo": 0, "op": "SCMP_CMP_NE"}]
     personalities = [r["args"][0]["value"] for r in rules if r["names"] == ["personality"]]
     assert sorted(personalities) == [0, 8, 0x20000, 0x20008, 0xFFFFFFFF]
     # Ordinary programs still run.
