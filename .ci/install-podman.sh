@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs Podman for the container executor's tests (tests/integration/test_podman_*.py):
-# podman with runc (crun fails on this kernel's hybrid cgroups), busybox-static for the
+# podman with runc (crun fails on this kernel's hybrid cgroups), catatonit (the pause
+# process every job container runs, daemon/executors/podman.py), busybox-static for the
 # example image, and the containers.conf they need. Idempotent; run as root on Debian 12.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(podman runc busybox-static)
+packages=(podman runc catatonit busybox-static)
 missing=()
 for pkg in "${packages[@]}"; do
     [[ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null)" == "install ok installed" ]] \
@@ -23,3 +24,4 @@ install -D -m 0644 guest_modules/containers/containers.conf /etc/containers/cont
 
 podman --version
 runc --version | sed -n 1p
+catatonit --version

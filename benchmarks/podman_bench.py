@@ -11,8 +11,9 @@ daemon uses, in the same run:
   output collection.
 - Podman: `PodmanExecutor.run` of `echo ok` in the example busybox image,
   against a private `podman system service`: image check, create, inspect
-  (limit verification), attach, start, exit, remove. Beside it, the `podman
-  run` CLI with the same hardening flags, for reference.
+  (sandbox verification), start, kernel check (/proc), exec, exit, read of
+  /output, remove. Beside it, the `podman run` CLI with the same hardening
+  flags, for reference (it has no pause process, exec or /output read).
 
 Goal: the WASM executor >= 100x faster than a container per job. Figures are
 medians with [min-max]; ratios divide medians. Needs Podman
@@ -33,6 +34,7 @@ from pathlib import Path
 from wasm_bench import Stats, measure, measure_async, trivial_module
 
 from daemon.executors.podman import PodmanExecutor
+from daemon.executors.podman_sandbox import SECCOMP_PROFILE
 from daemon.executors.podman_service import PodmanService
 from daemon.executors.result import Outcome
 from daemon.executors.wasm import WasmExecutor
@@ -114,6 +116,13 @@ def podman_run_command(socket: Path, image: str) -> list[str]:
         "--read-only",
         "--cap-drop=ALL",
         "--security-opt=no-new-privileges",
+        f"--security-opt=seccomp={SECCOMP_PROFILE}",
+        "--uidmap=0:524288:65536",
+        "--gidmap=0:524288:65536",
+        "--user=65534:65534",
+        "--read-only-tmpfs=false",
+        "--tmpfs=/tmp:size=64m,nosuid,nodev,noexec",
+        "--tmpfs=/output:size=1g,nosuid,nodev,noexec",
         "--pids-limit=64",
         "--memory=256m",
         "--memory-swap=256m",

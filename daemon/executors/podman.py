@@ -3,18 +3,25 @@
 Operator notes
 ==============
 
-Socket. The daemon drives `podman system service` through its REST API (the
-`podman` package). In production enable systemd's socket unit and name it in
-the config (`podman_socket`, or `ANVIL_PODMAN_SOCKET`)::
+Socket. The daemon drives a rootful `podman system service` through its REST
+API (the `podman` package). In production enable systemd's socket unit and
+name it in the config (`podman_socket`, or `ANVIL_PODMAN_SOCKET`); the daemon's
+user (`anvil-compute` under the shipped unit) needs read-write access to it,
+which is root-equivalent: give it to that user alone (e.g. a drop-in for
+podman.socket with `SocketGroup=anvil-compute`, `SocketMode=0660`)::
 
     systemctl enable --now podman.socket        # rootful: /run/podman/podman.sock
     podman_socket = "/run/podman/podman.sock"   # config.toml
+
+The daemon and Podman share the host: the daemon reads the container's
+/proc/<pid> and memory cgroup files (world-readable) to check the sandbox
+and to tell an OOM kill from a plain exit 137.
 
 Tests, CI and the benchmark start a private service on a socket in a temp
 folder (`daemon/executors/podman_service.py`). Hosts with a hybrid cgroup
 layout need runc instead of crun, and sandboxes with low hard limits need
 lower default ulimits: `guest_modules/containers/containers.conf`, installed by
-`.ci/install-podman.sh`.
+`.ci/install-podman.sh` along with catatonit.
 
 Images are never pulled. A capability names its image by digest, either
 `sha256:<image id>` (the config digest: it survives `podman save`/`podman load`
@@ -22,27 +29,71 @@ between peers) or `NAME@sha256:<manifest digest>`. Bring an image onto a peer
 with `podman load -i FILE` (or `PodmanExecutor.load_image`);
 `guest_modules/containers/build_busybox_image.py` builds the example image.
 
-Every run: `network_mode=none`, read-only rootfs, all capabilities dropped,
-no-new-privileges, a pids limit, a memory limit with memory+swap equal to it
-(no swap), a CPU quota, the inputs bind-mounted read-only at `/input/<i>`
-(input 0 also on stdin), the job's output folder bind-mounted writable at
-`/output`, no container log (stdout/stderr come over an attach stream, capped
-like WASM guests: over the cap the container is killed and the job fails), a
-wall-clock deadline after which the container is SIGKILLed, and removal of the
-container on every path (done, failed, timed out, cancelled). Containers carry
-the labels `anvil-compute.owner` and `anvil-compute.job`; `start()` removes
-the ones a crashed predecessor with the same owner left behind.
+How a run goes. The container's own process is catatonit's pause process
+(`catatonit -P`, a static binary bind-mounted read-only from the host at
+/.anvil-init; the `catatonit` package, or `PodmanExecutor(init_path=...)`).
+The capability's command (the image's entrypoint, then the command or the
+image's CMD, then the params) runs beside it through the exec API, stdout
+and stderr on one stream, started by anvil-exec (our static helper, shipped
+in the package beside this module and bind-mounted at /.anvil-exec), which
+gives it /input/0 as stdin: conmon 2.1 loses the output of an exec whose
+attached stdin is left unread, so none is attached. When the command exits,
+/output (a tmpfs) is read through the archive API while the container still
+runs, and the container is removed on every path (done, failed, timed out,
+cancelled).
 
-Limits are verified, not trusted: after create the container is inspected and
-the run is refused (FailedPrecondition) when any limit or hardening option is
-not what was asked for — Podman drops limits silently, e.g. rootless on
-cgroup v1.
+Every run:
+- a user namespace: container ids 0..65535 are host ids 524288.. (`userns`,
+  a `UserNamespace`; pick a range no host user and no /etc/subuid entry
+  uses), and the command runs as 65534:65534 inside, never host root;
+- our own seccomp profile (`seccomp.json` beside this module): an allow-list
+  of the system calls ordinary programs make (Docker's default set for a
+  container without capabilities) less namespace creation (unshare, setns,
+  clone with namespace flags; clone3 answers ENOSYS so C libraries fall back
+  to clone), mount and the new mount API, keyctl, bpf, ptrace,
+  process_vm_*, io_uring, perf_event_open, userfaultfd, modify_ldt; anything
+  else fails with EPERM, calls newer than the list with ENOSYS;
+- network none, read-only rootfs, all capabilities dropped,
+  no-new-privileges, a pids limit, a CPU quota, no swap;
+- the inputs bind-mounted at /input/<i> ro,nosuid,nodev,noexec (input 0 also
+  on stdin); the store's and cache's files are world-readable in folders
+  only the daemon can enter, anything the guest's uid could not read is
+  copied;
+- /output a tmpfs of `output_bytes` plus a page per file (page rounding) with
+  `output_files` + 64 inodes, and /tmp a tmpfs of `tmp_bytes`, both
+  nosuid,nodev,noexec and owned by the guest's uid: the kernel bounds what a
+  guest can write while it runs, and nothing of it touches the disk. The
+  files are copied out (regular files only, mode 0644 less the daemon's
+  umask, at most `output_files` files and `output_bytes` bytes) only when
+  the command exits 0; otherwise nothing of /output is kept;
+- no container log: stdout/stderr come over the exec stream, capped like
+  WASM guests (over the cap the container is killed and the job fails);
+- a wall-clock deadline from the command's start, then SIGKILL.
+Containers carry the labels `anvil-compute.owner` and `anvil-compute.job`;
+`start()` removes the ones a crashed predecessor with the same owner left.
 
-Memory-limit failures: a container reported `OOMKilled`, or ended by SIGKILL
-(exit 137) that the executor did not send, is reported as a memory-limit
-failure. (With cgroup v1 Podman often does not set `OOMKilled`; the kernel's
-OOM killer is then the only other sender of SIGKILL to a capability-less
-container, unless the guest kills itself.)
+Memory. tmpfs pages are charged to the container's memory cgroup, so its
+limit is the job's memory plus the /output and /tmp sizes: whatever the
+guest keeps in them, its processes still get `memory_bytes`. The other side
+of it: a guest that leaves them empty may use that memory for its processes.
+Budget `max_output_bytes` (default 1 GiB) accordingly when many jobs run at
+once. A run is reported as a memory-limit failure only when the kernel's
+OOM killer killed something in the container (the cgroup's own oom_kill
+counter: Podman's OOMKilled does not see an exec'd process, and on cgroup v1
+not even the container's) and the command failed; a plain `exit 137` is a
+non-zero exit.
+
+Verified, not trusted: after create the container is inspected and the run
+refused (FailedPrecondition, nothing ran) when any limit, the user, the user
+namespace, the seccomp profile, a mount or its flags, or the devices differ
+from what was asked (Podman drops some silently, e.g. rootless on cgroup
+v1). After start, before the command runs, the same is checked against the
+kernel's view of the pause process: its uids, capabilities, no-new-privs,
+seccomp mode, uid/gid maps and mount table (/proc/<pid>). Inspect shows the
+seccomp profile only as Podman's own annotation of it, so anvil-exec checks
+from inside that unshare(0) is refused (Podman's default profile allows it)
+and runs nothing otherwise. A profile of your own (`seccomp_profile=`) must
+refuse unshare too.
 
 GPU. A capability registered with a `gpu` resource (`resources = { gpu = "1" }`)
 gets the CDI devices of `PodmanExecutor(gpu_devices=...)`, by default
@@ -65,27 +116,55 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-import math
 import re
 import shutil
-import signal
-import tempfile
+import tarfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import podman
 import requests
+import urllib3
 from podman.errors import APIError, DockerException, ImageNotFound, NotFound
 
 from daemon.exceptions import FailedPrecondition, InvalidArgument, Unavailable
+from daemon.executors import podman_host, podman_stream, staging
 from daemon.executors import result as results
-from daemon.executors import staging
-from daemon.executors.result import ExecutionResult, OutputFile
+from daemon.executors.podman_output import OutputRead, Stopped, read_outputs
+from daemon.executors.podman_sandbox import (
+    EXEC_TARGET,
+    SECCOMP_PROFILE,
+    ContainerLimits,
+    UserNamespace,
+    container_spec,
+    cpu_quota,
+    guest_argv,
+    limits_not_applied,
+)
+from daemon.executors.result import ExecutionResult
+
+__all__ = [
+    "DEFAULT_SOCKET",
+    "LABEL_JOB",
+    "LABEL_OWNER",
+    "ContainerLimits",
+    "ImageNotPresent",
+    "PodmanExecutor",
+    "UserNamespace",
+    "check_image_ref",
+    "container_name",
+    "container_spec",
+    "cpu_quota",
+    "limits_not_applied",
+    "socket_path",
+]
 
 log = logging.getLogger(__name__)
 
@@ -93,68 +172,14 @@ DEFAULT_SOCKET = "/run/podman/podman.sock"
 DEFAULT_GPU_DEVICES = ("nvidia.com/gpu=all",)
 LABEL_OWNER = "anvil-compute.owner"
 LABEL_JOB = "anvil-compute.job"
-# The attach call is the one podman-py lacks; every Podman since 4.0 serves this prefix.
-API_PREFIX = "/v4.0.0/libpod"
-MIB = 1 << 20
-CPU_PERIOD_US = 100_000
-MIN_MEMORY_BYTES = 6 * MIB  # Podman refuses less
-SIGKILL_EXIT = 128 + signal.SIGKILL
-_STDOUT, _STDERR = 1, 2
-_INPUT_PREFIX = "podman-in-"
-_STDIN_CHUNK = 64 * 1024
 _DIGEST_REF = re.compile(r"(?:(?P<name>[^@\s]+)@)?sha256:(?P<hex>[0-9a-f]{64})")
 _NAME_UNSAFE = re.compile(r"[^a-zA-Z0-9_.-]")
+_TIMEOUT_HOW = "the container was killed at its wall-clock deadline"
+_REMOVE_ATTEMPTS = 5
+# anvil-exec's status and words when it finds the sandbox is not ours.
+_HELPER_FAILED = 125
+_HELPER_REFUSED = b"anvil-exec: sandbox:"
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ContainerLimits:
-    """What one container run may use. Every field is enforced on every run."""
-
-    timeout_s: float = 30.0  # wall clock, from the start call
-    memory_bytes: int = 256 * MIB  # memory and memory+swap alike: no swap
-    cpu_millis: int = 1000  # thousandths of a CPU (1000 = one core)
-    pids: int = 64  # processes and threads
-    stdout_bytes: int = 1 * MIB
-    stderr_bytes: int = 64 * 1024
-    output_files: int = 1000  # files left in /output
-    output_bytes: int = 1024 * MIB  # their total size
-
-    def __post_init__(self) -> None:
-        for name in ("cpu_millis", "pids", "stdout_bytes", "stderr_bytes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidArgument(f"limit {name} must be an integer >= 1, got {value!r}")
-        for name in ("output_files", "output_bytes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise InvalidArgument(f"limit {name} must be an integer >= 0, got {value!r}")
-        if not (isinstance(self.timeout_s, int | float) and 0 < self.timeout_s < math.inf):
-            raise InvalidArgument(f"limit timeout_s must be > 0 seconds, got {self.timeout_s!r}")
-        if not isinstance(self.memory_bytes, int) or self.memory_bytes < MIN_MEMORY_BYTES:
-            raise InvalidArgument(
-                f"limit memory must be at least 6 MiB (Podman's minimum), got {self.memory_bytes!r}"
-            )
-
-    def with_overrides(
-        self,
-        *,
-        timeout_s: float | None = None,
-        memory_mib: int | None = None,
-        cpu_millis: int | None = None,
-        pids: int | None = None,
-    ) -> ContainerLimits:
-        """These limits with the job's or capability's values where given (None keeps them).
-
-        Raises InvalidArgument on a value out of range.
-        """
-        return replace(
-            self,
-            timeout_s=self.timeout_s if timeout_s is None else timeout_s,
-            memory_bytes=self.memory_bytes if memory_mib is None else memory_mib * MIB,
-            cpu_millis=self.cpu_millis if cpu_millis is None else cpu_millis,
-            pids=self.pids if pids is None else pids,
-        )
 
 
 def socket_path(socket: str | Path) -> Path:
@@ -184,106 +209,10 @@ def check_image_ref(ref: str) -> tuple[str | None, str]:
     return match["name"], match["hex"]
 
 
-def cpu_quota(cpu_millis: int) -> int:
-    """CFS quota in microseconds per `CPU_PERIOD_US` for `cpu_millis` thousandths of a CPU."""
-    return max(1000, cpu_millis * CPU_PERIOD_US // 1000)
-
-
 def container_name(job_id: str) -> str:
     """A unique, valid container name that shows which job it runs."""
     safe = _NAME_UNSAFE.sub("-", job_id)[:40] or "run"
     return f"anvil-{safe}-{uuid.uuid4().hex[:8]}"
-
-
-def create_options(
-    *,
-    image_id: str,
-    command: Sequence[str],
-    params: Sequence[tuple[str, str]],
-    limits: ContainerLimits,
-    input_dir: Path,
-    output_dir: Path,
-    name: str,
-    labels: Mapping[str, str],
-    devices: Sequence[str] = (),
-) -> dict[str, Any]:
-    """The `containers.create` keyword arguments of one hardened run. Pure.
-
-    argv is the command then `--key=value` per param (with no command, the
-    params follow the image's entrypoint); the params are also in the
-    environment as `ANVIL_PARAM_<KEY>` (guest_modules/GUIDE.md).
-    """
-    argv = [*command, *(f"--{key}={value}" for key, value in params)]
-    return {
-        "image": image_id,
-        "command": argv or None,
-        "name": name,
-        "labels": dict(labels),
-        "environment": dict(staging.guest_env(params)),
-        "stdin_open": True,
-        "network_mode": "none",
-        "read_only": True,
-        "cap_drop": ["ALL"],
-        # podman-py maps `security_opt` to SELinux options: this is the real switch.
-        "no_new_privileges": True,
-        "pids_limit": limits.pids,
-        "mem_limit": limits.memory_bytes,
-        "memswap_limit": limits.memory_bytes,
-        # podman-py silently ignores `nano_cpus`: period and quota do apply.
-        "cpu_period": CPU_PERIOD_US,
-        "cpu_quota": cpu_quota(limits.cpu_millis),
-        "mounts": [
-            {"type": "bind", "source": str(input_dir), "target": "/input", "read_only": True},
-            {"type": "bind", "source": str(output_dir), "target": "/output"},
-        ],
-        "devices": list(devices),
-        # Output comes over the attach stream, capped; a log file would keep it all on disk.
-        "log_config": {"Type": "none"},
-        "stop_signal": int(signal.SIGKILL),
-        "stop_timeout": 1,
-    }
-
-
-def limits_not_applied(options: Mapping[str, Any], attrs: Mapping[str, Any]) -> list[str]:
-    """What an inspected container has that differs from `options` (empty: all applied). Pure.
-
-    CDI devices are not checked: Podman resolves them only when the container starts.
-    """
-    host: Mapping[str, Any] = attrs.get("HostConfig") or {}
-    problems: list[str] = []
-
-    def expect(what: str, actual: Any, wanted: Any) -> None:
-        if actual != wanted:
-            problems.append(f"{what} is {actual!r}, not {wanted!r}")
-
-    expect("network mode", host.get("NetworkMode"), "none")
-    expect("read-only rootfs", host.get("ReadonlyRootfs"), True)
-    expect("privileged", host.get("Privileged"), False)
-    if host.get("CapAdd"):
-        problems.append(f"capabilities added: {host.get('CapAdd')!r}")
-    if not host.get("CapDrop"):
-        problems.append("no capability dropped")
-    if attrs.get("EffectiveCaps"):
-        problems.append(f"effective capabilities: {attrs.get('EffectiveCaps')!r}")
-    security = [str(opt) for opt in host.get("SecurityOpt") or []]
-    if "no-new-privileges" not in security:
-        problems.append(f"no-new-privileges is not set (security options {security!r})")
-    if any(opt.replace(":", "=") == "seccomp=unconfined" for opt in security):
-        problems.append("seccomp is disabled")
-    expect("pids limit", host.get("PidsLimit"), options["pids_limit"])
-    expect("memory limit", host.get("Memory"), options["mem_limit"])
-    expect("memory+swap limit", host.get("MemorySwap"), options["memswap_limit"])
-    expect("CPU period", host.get("CpuPeriod"), options["cpu_period"])
-    expect("CPU quota", host.get("CpuQuota"), options["cpu_quota"])
-    mounts = {m.get("Destination"): m for m in attrs.get("Mounts") or []}
-    for target, writable in (("/input", False), ("/output", True)):
-        mount = mounts.get(target)
-        if mount is None:
-            problems.append(f"{target} is not mounted")
-        else:
-            expect(f"{target} writable", mount.get("RW"), writable)
-    expect("image", attrs.get("Image"), options["image"])
-    return problems
 
 
 def _explain(exc: BaseException) -> str:
@@ -295,8 +224,8 @@ def _explain(exc: BaseException) -> str:
 class PodmanExecutor:
     """`async with PodmanExecutor(socket) as ex: await ex.run(...)` — safe from many tasks.
 
-    The `podman` package is synchronous: its calls run in threads. Output is
-    read from an attach stream on the event loop.
+    The `podman` package is synchronous: its calls run in threads. The guest's
+    streams are read on the event loop.
     """
 
     def __init__(
@@ -307,22 +236,38 @@ class PodmanExecutor:
         scratch_dir: Path | None = None,
         default_limits: ContainerLimits | None = None,
         gpu_devices: Sequence[str] = DEFAULT_GPU_DEVICES,
+        userns: UserNamespace | None = None,
+        init_path: Path | None = None,
+        exec_helper: Path | None = None,
+        seccomp_profile: Path = SECCOMP_PROFILE,
         api_timeout_s: float = 60.0,
     ) -> None:
         self.socket = socket_path(socket)
         self.owner = owner
         self.default_limits = default_limits or ContainerLimits()
         self.gpu_devices = tuple(gpu_devices)
+        self.userns = userns or UserNamespace()
+        self.seccomp_profile = seccomp_profile
+        # Found by start(): the host's catatonit, our anvil-exec for this machine.
+        self._wanted = (init_path, exec_helper)
+        self.init_path = init_path or podman_host.DEFAULT_INIT_PATHS[-1]
+        self.exec_helper = exec_helper or podman_host.EXEC_HELPERS / "anvil-exec"
         self._scratch_dir = scratch_dir
         self._api_timeout_s = api_timeout_s
         self._client: Any = None
 
     async def start(self) -> None:
-        """Connect and check that the service answers. Raises Unavailable.
+        """Connect and check that the service answers and the sandbox's files are here.
 
         Containers (and input folders in `scratch_dir`) that a crashed
-        predecessor with the same owner left behind are removed.
+        predecessor with the same owner left behind are removed. Raises
+        Unavailable (Podman does not answer), FailedPrecondition (no
+        catatonit, anvil-exec or seccomp profile).
         """
+        self.init_path = podman_host.find_init(self._wanted[0])
+        self.exec_helper = podman_host.find_exec_helper(self._wanted[1])
+        if not self.seccomp_profile.is_file():
+            raise FailedPrecondition(f"the seccomp profile {self.seccomp_profile} is missing")
         self._client = podman.PodmanClient(
             base_url=f"http+unix://{self.socket}", timeout=self._api_timeout_s
         )
@@ -330,7 +275,7 @@ class PodmanExecutor:
             if not await self._call(self._client.ping):
                 raise Unavailable(f"podman at {self.socket} does not answer its ping")
             if self._scratch_dir is not None:
-                await asyncio.to_thread(_clear_scratch, self._scratch_dir)
+                await asyncio.to_thread(podman_host.clear_scratch, self._scratch_dir)
             for name in await self.containers():
                 log.warning("removing container %s left by an earlier run", name)
                 await self._remove(name)
@@ -385,6 +330,11 @@ class PodmanExecutor:
         Never pulls. Raises InvalidArgument (not pinned), FailedPrecondition
         (not present), Unavailable.
         """
+        image_id, _ = await self._image(ref)
+        return image_id
+
+    async def _image(self, ref: str) -> tuple[str, Mapping[str, Any]]:
+        """(image id, inspected attributes) of `ref`; as `resolve_image`."""
         _, digest = check_image_ref(ref)
         try:
             image = await asyncio.to_thread(self.client.images.get, ref)
@@ -402,7 +352,7 @@ class PodmanExecutor:
         }
         if digest != image_id and f"sha256:{digest}" not in digests:
             raise FailedPrecondition(f"image {ref} resolved to {image_id}, whose digest differs")
-        return image_id
+        return image_id, image.attrs
 
     async def load_image(self, archive: Path) -> tuple[str, ...]:
         """`podman load` an image archive (docker or OCI); return the ids of the images in it.
@@ -449,300 +399,301 @@ class PodmanExecutor:
     ) -> ExecutionResult:
         """Run `command` in a fresh container of `image` once, under `limits`.
 
-        `output_dir` is created if missing (and removed again when the guest
+        `output_dir` is created if missing (and removed again when the run
         leaves nothing in it); an existing one must be empty. Afterwards it
-        holds the outputs and nothing else. `gpu` adds the CDI devices. The container is
-        removed on every path.
+        holds the outputs of a successful run and nothing else; after any
+        other result it is empty (removed, if this call made it). `gpu` adds
+        the CDI devices. The container is removed on every path.
 
         Guest failures come back as a result, never raised. Raises
-        InvalidArgument (bad image ref, params, inputs, folder),
-        FailedPrecondition (image absent, or Podman did not apply a limit:
-        nothing ran), Unavailable (Podman unreachable). Cancelling the call
-        kills the container.
+        InvalidArgument (bad image ref, params, inputs, folder, no command),
+        FailedPrecondition (image absent, or Podman did not apply the
+        sandbox: the command did not run), Unavailable (Podman unreachable,
+        outputs not storable). Cancelling the call kills the container.
         """
         limits = limits or self.default_limits
         pairs = staging.param_pairs(params)
         if any("\0" in part for part in command):
             raise InvalidArgument("command contains a NUL byte")
-        created, input_dir, staged = await asyncio.to_thread(
-            _prepare, output_dir, inputs, self._scratch_dir
+        created, input_dir = await asyncio.to_thread(
+            podman_host.prepare, output_dir, inputs, self._scratch_dir
         )
         try:
-            image_id = await self.resolve_image(image)
-            options = create_options(
+            image_id, attrs = await self._image(image)
+            config: Mapping[str, Any] = attrs.get("Config") or {}
+            argv = guest_argv(config.get("Entrypoint"), config.get("Cmd"), command, pairs)
+            spec = container_spec(
                 image_id=image_id,
-                command=command,
-                params=pairs,
+                env=dict(staging.guest_env(pairs)),
                 limits=limits,
+                userns=self.userns,
                 input_dir=input_dir,
-                output_dir=output_dir,
+                init_path=self.init_path,
+                exec_helper=self.exec_helper,
                 name=container_name(job_id),
                 labels={LABEL_OWNER: self.owner, LABEL_JOB: job_id},
                 devices=self.gpu_devices if gpu else (),
+                seccomp_profile=self.seccomp_profile,
             )
-            result = await self._run_container(options, limits, staged[0] if staged else None)
+            result = await self._run_container(spec, argv, limits, output_dir)
         except BaseException:
-            if created:
-                await asyncio.shield(asyncio.to_thread(shutil.rmtree, output_dir, True))
+            await asyncio.shield(
+                asyncio.to_thread(podman_host.empty_output_dir, output_dir, created)
+            )
             raise
         finally:
             await asyncio.shield(asyncio.to_thread(shutil.rmtree, input_dir, True))
-        outputs = await asyncio.to_thread(staging.close_output_dir, output_dir, created=created)
-        return _with_outputs(result, outputs, limits)
+        if not result.succeeded or (created and not result.outputs):
+            await asyncio.to_thread(podman_host.empty_output_dir, output_dir, created)
+        return result
 
     async def _run_container(
-        self, options: dict[str, Any], limits: ContainerLimits, stdin: Path | None
+        self,
+        spec: dict[str, Any],
+        argv: list[str],
+        limits: ContainerLimits,
+        output_dir: Path,
     ) -> ExecutionResult:
-        name, client = options["name"], self.client
+        name, client = spec["name"], self.client
         try:
-            container = await self._call(client.containers.create, **options)
-            await self._call(container.reload)
-            problems = limits_not_applied(options, container.attrs)
+            container_id = str((await self._api("post", "/containers/create", spec))["Id"])
+            problems = limits_not_applied(spec, await self._api("get", f"/containers/{name}/json"))
             if problems:
                 raise FailedPrecondition(
                     "podman did not apply the sandbox as asked, refusing to run: "
                     + "; ".join(problems)
                 )
-            return await self._attach_and_run(container, limits, stdin)
+            try:
+                await asyncio.to_thread(
+                    lambda: client.api.post(f"/containers/{container_id}/start").raise_for_status()
+                )
+            except (APIError, requests.HTTPError) as exc:
+                # Podman's own refusal at start (e.g. an unresolvable CDI device).
+                return results.crashed(f"podman could not start the container: {_explain(exc)}")
+            except (DockerException, OSError) as exc:
+                raise Unavailable(f"podman at {self.socket}: {_explain(exc)}") from exc
+            attrs = await self._api("get", f"/containers/{container_id}/json")
+            state: Mapping[str, Any] = attrs.get("State") or {}
+            problems = await asyncio.to_thread(podman_host.confinement, state, limits, self.userns)
+            if problems:
+                raise FailedPrecondition(
+                    "the container is not confined as asked, refusing to run: "
+                    + "; ".join(problems)
+                )
+            cgroup = str(state.get("CgroupPath") or "")
+            return await self._exec(
+                container_id,
+                cgroup=cgroup,
+                argv=argv,
+                limits=limits,
+                output_dir=output_dir,
+            )
         finally:
             # Shielded: a cancelled job still gets its container killed and removed.
             await asyncio.shield(self._remove(name, client))
 
-    async def _attach_and_run(
-        self, container: Any, limits: ContainerLimits, stdin: Path | None
+    async def _exec(
+        self,
+        container_id: str,
+        *,
+        cgroup: str,
+        argv: list[str],
+        limits: ContainerLimits,
+        output_dir: Path,
     ) -> ExecutionResult:
-        reader, writer = await self._attach(str(container.id))
+        """Run the command in the started container and judge how it ended."""
+        # No stdin through the API (output is lost when it is left unread):
+        # anvil-exec gives the command /input/0 as its stdin.
+        body = {
+            "Cmd": [EXEC_TARGET, *argv],
+            "User": f"{self.userns.uid}:{self.userns.gid}",
+            "AttachStdin": False,
+            "AttachStdout": True,
+            "AttachStderr": True,
+            "Tty": False,
+        }
+        exec_id = str((await self._api("post", f"/containers/{container_id}/exec", body))["Id"])
         stdout, stderr = bytearray(), bytearray()
-        feeder: asyncio.Task[None] | None = None
+        writer: asyncio.StreamWriter | None = None
         killed_for: str | None = None
+        exit_code: int | None = None
         started = time.monotonic()
         try:
             try:
                 async with asyncio.timeout(limits.timeout_s):
-                    try:
-                        await asyncio.to_thread(container.start)
-                    except (DockerException, OSError) as exc:
-                        return results.crashed(
-                            f"podman could not start the container: {_explain(exc)}"
-                        )
-                    feeder = asyncio.create_task(_feed_stdin(writer, stdin))
-                    killed_for = await _read_output(reader, stdout, stderr, limits)
+                    reader, writer = await podman_stream.open_upgraded(
+                        self.socket,
+                        f"/exec/{exec_id}/start",
+                        {"Detach": False, "Tty": False},
+                        timeout_s=self._api_timeout_s,
+                    )
+                    killed_for = await podman_stream.read_output(
+                        reader,
+                        stdout,
+                        stderr,
+                        stdout_cap=limits.stdout_bytes,
+                        stderr_cap=limits.stderr_bytes,
+                    )
                     if killed_for is None:
                         # The stream ends a moment before Podman records the exit.
-                        state = await self._wait_exited(container)
+                        exit_code = await self._exit_code(exec_id)
             except TimeoutError:
                 killed_for = "timeout"
             if killed_for is not None:
-                # Hang up first: conmon blocked writing to an unread stream delays the kill.
-                writer.close()
-                await self._kill(container)
-                state = await self._wait_exited(container)
+                if writer is not None:
+                    # Hang up first: conmon blocked writing to an unread stream delays the kill.
+                    writer.close()
+                await self._kill(container_id)
         finally:
-            if feeder is not None:
-                feeder.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await feeder
-            writer.close()
-        result = _verdict(state, killed_for, limits)
+            if writer is not None:
+                writer.close()
+        duration = time.monotonic() - started
+        if exit_code == _HELPER_FAILED and stderr.startswith(_HELPER_REFUSED):
+            # anvil-exec found the seccomp profile missing: the command did not run.
+            raise FailedPrecondition(
+                "the container is not confined as asked, refusing to run: "
+                + stderr.decode(errors="replace").strip()
+            )
+        result = await self._verdict(
+            container_id,
+            cgroup=cgroup,
+            exit_code=exit_code,
+            killed_for=killed_for,
+            limits=limits,
+            output_dir=output_dir,
+        )
         return result.with_capture(
-            stdout=bytes(stdout),
-            stderr=bytes(stderr),
-            duration_s=time.monotonic() - started,
-            fuel_consumed=None,
+            stdout=bytes(stdout), stderr=bytes(stderr), duration_s=duration, fuel_consumed=None
         )
 
-    async def _attach(self, container_id: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """An attach stream (stdin, stdout, stderr) to a created container, before it starts.
-
-        Attaching first loses no output, and lets stdin reach EOF when we half-close.
-        """
+    async def _verdict(
+        self,
+        container_id: str,
+        *,
+        cgroup: str,
+        exit_code: int | None,
+        killed_for: str | None,
+        limits: ContainerLimits,
+        output_dir: Path,
+    ) -> ExecutionResult:
+        """How the run ended; the outputs of a successful one read into `output_dir`."""
+        if killed_for == "timeout":
+            return results.timed_out(limits.timeout_s, how=_TIMEOUT_HOW)
+        if killed_for == "stdout":
+            return results.stream_too_large("stdout", limits.stdout_bytes)
+        if killed_for == "stderr":
+            return results.stream_too_large("stderr", limits.stderr_bytes)
+        if exit_code is None:
+            return results.crashed("podman did not report how the command ended")
+        if exit_code != 0:
+            kills = await asyncio.to_thread(podman_host.oom_kills, cgroup)
+            if kills:
+                how = f"the kernel's OOM killer killed {kills} of its processes (exit {exit_code})"
+                return replace(results.memory_limit(limits.memory_bytes, how), exit_code=exit_code)
+        # A failed run is read too, without keeping anything: did it fill /output?
         try:
-            reader, writer = await asyncio.open_unix_connection(str(self.socket))
-        except OSError as exc:
-            raise Unavailable(f"podman at {self.socket}: {exc.strerror or exc}") from exc
-        try:
-            query = "stream=true&stdin=true&stdout=true&stderr=true&logs=false"
-            request = (
-                f"POST {API_PREFIX}/containers/{container_id}/attach?{query} HTTP/1.1\r\n"
-                "Host: podman\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n"
-                "Content-Length: 0\r\n\r\n"
+            read = await self._read_outputs(
+                container_id, output_dir if exit_code == 0 else None, limits
             )
-            writer.write(request.encode())
-            async with asyncio.timeout(self._api_timeout_s):
-                await writer.drain()
-                head = await reader.readuntil(b"\r\n\r\n")
-                status = head.split(b" ", 2)[1] if head.count(b" ") >= 1 else b""
-                if status not in (b"101", b"200"):
-                    body = await reader.read(4096)
-                    message = (
-                        f"podman refused to attach to {container_id}: "
-                        f"{head.splitlines()[0].decode(errors='replace')} "
-                        f"{body.decode(errors='replace').strip()}"
-                    )
-                    # 4xx: this container cannot run here (e.g. an unresolvable CDI
-                    # device); trying again will not help. Else Podman is in trouble.
-                    if status.startswith(b"4"):
-                        raise FailedPrecondition(message)
-                    raise Unavailable(message)
-        except (
-            OSError,
-            asyncio.IncompleteReadError,
-            asyncio.LimitOverrunError,
-            TimeoutError,
-        ) as exc:
-            writer.close()
-            raise Unavailable(f"podman attach to {container_id} failed: {exc}") from exc
-        except BaseException:
-            writer.close()
-            raise
-        return reader, writer
+        except (APIError, tarfile.TarError) as exc:
+            return results.crashed(f"cannot read /output: {_explain(exc)}")
+        except (DockerException, OSError, urllib3.exceptions.HTTPError) as exc:
+            raise Unavailable(
+                f"cannot read /output through {self.socket}: {_explain(exc)}"
+            ) from exc
+        if read.over is not None:
+            return replace(results.output_too_large(read.over), exit_code=exit_code)
+        if exit_code != 0:
+            return results.nonzero_exit(exit_code)
+        return results.ok().with_outputs(read.files)
 
-    async def _wait_exited(self, container: Any) -> Mapping[str, Any]:
-        """The container's State once it has exited (or after 30 s, whatever it is then)."""
-        delay, deadline = 0.005, time.monotonic() + 30
+    async def _read_outputs(
+        self, container_id: str, directory: Path | None, limits: ContainerLimits
+    ) -> OutputRead:
+        """/output of the running container, read (into `directory`, else only counted)."""
+        client, stop = self.client, threading.Event()
+
+        def read() -> OutputRead:
+            response = client.api.get(
+                f"/containers/{container_id}/archive", params={"path": "/output"}, stream=True
+            )
+            try:
+                response.raise_for_status()
+                return read_outputs(
+                    response.raw,
+                    directory,
+                    max_files=limits.output_files,
+                    max_bytes=limits.output_bytes,
+                    stop=stop,
+                )
+            finally:
+                response.close()
+
+        reading = asyncio.ensure_future(asyncio.to_thread(read))
+        try:
+            return await asyncio.shield(reading)
+        except asyncio.CancelledError:
+            # Stop the thread before the caller removes the folder it writes to.
+            stop.set()
+            with contextlib.suppress(Stopped, Exception):
+                await reading
+            raise
+
+    async def _api(self, method: str, path: str, body: Any = None) -> Any:
+        """The JSON answer of one API call. Raises FailedPrecondition (refused), Unavailable."""
+        client = self.client
+
+        def call() -> Any:
+            if method == "get":
+                response = client.api.get(path)
+            else:
+                data = None if body is None else json.dumps(body)
+                response = client.api.post(
+                    path, data=data, headers={"Content-Type": "application/json"}
+                )
+            response.raise_for_status()
+            return response.json() if response.content else None
+
+        return await self._call(call)
+
+    async def _exit_code(self, exec_id: str) -> int:
+        """The exec'd command's exit code, once Podman has recorded it.
+
+        Its streams can end before it does (a guest may close them): the
+        caller's deadline bounds the wait.
+        """
+        delay = 0.005
         while True:
-            await self._call(container.reload)
-            state: Mapping[str, Any] = container.attrs.get("State") or {}
-            if state.get("Status") in ("exited", "stopped") or time.monotonic() > deadline:
-                return state
+            session = await self._api("get", f"/exec/{exec_id}/json")
+            code = session.get("ExitCode")
+            if not session.get("Running") and isinstance(code, int):
+                return code
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.2)
 
-    async def _kill(self, container: Any) -> None:
+    async def _kill(self, container_id: str) -> None:
         try:
-            await asyncio.to_thread(container.kill, int(signal.SIGKILL))
-        except (DockerException, OSError) as exc:
-            # Already exited: nothing to kill.
-            log.debug("kill %s: %s", container.name, _explain(exc))
+            await self._api("post", f"/containers/{container_id}/kill?signal=KILL")
+        except (FailedPrecondition, Unavailable) as exc:
+            # Already exited: nothing to kill (removal follows on every path).
+            log.debug("kill %s: %s", container_id, exc)
 
     async def _remove(self, name: str, client: Any = None) -> None:
-        """Kill and remove the container; a container that does not exist is fine."""
-        try:
-            client = client or self.client
-            await asyncio.to_thread(client.containers.remove, name, force=True, v=True)
-        except NotFound:
-            pass
-        except (DockerException, OSError, Unavailable) as exc:
-            log.error("cannot remove container %s: %s", name, _explain(exc))
+        """Kill and remove the container; a container that does not exist is fine.
 
-
-def _verdict(
-    state: Mapping[str, Any], killed_for: str | None, limits: ContainerLimits
-) -> ExecutionResult:
-    """How the run ended, from the exited container's State and what the executor did."""
-    exit_code = state.get("ExitCode")
-    if killed_for == "timeout":
-        return results.timed_out(limits.timeout_s, killed=True)
-    if killed_for == "stdout":
-        return results.stream_too_large("stdout", limits.stdout_bytes)
-    if killed_for == "stderr":
-        return results.stream_too_large("stderr", limits.stderr_bytes)
-    if state.get("Status") not in ("exited", "stopped") or not isinstance(exit_code, int):
-        return results.crashed(f"the container did not exit cleanly (state {dict(state)!r})")
-    if state.get("OOMKilled") or exit_code == SIGKILL_EXIT:
-        how = (
-            "killed by the kernel's OOM killer"
-            if state.get("OOMKilled")
-            else "killed by SIGKILL (exit 137), which only the OOM killer sends here"
-        )
-        return replace(results.memory_limit(limits.memory_bytes, how), exit_code=exit_code)
-    if exit_code != 0:
-        return results.nonzero_exit(exit_code)
-    return results.ok()
-
-
-async def _read_output(
-    reader: asyncio.StreamReader,
-    stdout: bytearray,
-    stderr: bytearray,
-    limits: ContainerLimits,
-) -> str | None:
-    """Demultiplex the attach stream until it ends; the stream's name if it went over its cap.
-
-    Frames: 1 byte stream (1 stdout, 2 stderr), 3 zero bytes, 4 bytes big-endian size.
-    """
-    while True:
-        try:
-            header = await reader.readexactly(8)
-            data = await reader.readexactly(int.from_bytes(header[4:8], "big"))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            return None
-        if header[0] == _STDOUT:
-            buffer, cap, stream = stdout, limits.stdout_bytes, "stdout"
-        elif header[0] == _STDERR:
-            buffer, cap, stream = stderr, limits.stderr_bytes, "stderr"
-        else:
-            continue
-        buffer += data
-        if len(buffer) > cap:
-            del buffer[cap:]
-            return stream
-
-
-async def _feed_stdin(writer: asyncio.StreamWriter, path: Path | None) -> None:
-    """Write input 0 to the container's stdin, then half-close: the guest sees EOF."""
-    try:
-        if path is not None:
-            body = await asyncio.to_thread(path.open, "rb")
+        Tried a few times: Podman 4.3 sometimes fails a forced removal while the
+        container's own cleanup still holds its /dev/shm ("device or resource busy").
+        """
+        for attempt in range(_REMOVE_ATTEMPTS):
             try:
-                while chunk := await asyncio.to_thread(body.read, _STDIN_CHUNK):
-                    writer.write(chunk)
-                    await writer.drain()
-            finally:
-                body.close()
-        if writer.can_write_eof():
-            writer.write_eof()
-    except (ConnectionError, OSError):
-        pass  # the guest exited without reading all of its stdin
-
-
-def _clear_scratch(scratch_dir: Path) -> None:
-    scratch_dir.mkdir(parents=True, exist_ok=True)
-    for stale in scratch_dir.glob(f"{_INPUT_PREFIX}*"):
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-def _prepare(
-    output_dir: Path, inputs: Sequence[Path], scratch_dir: Path | None
-) -> tuple[bool, Path, list[Path]]:
-    """(whether output_dir was created, a fresh /input folder, the staged inputs).
-
-    Raises InvalidArgument.
-    """
-    created = staging.open_output_dir(output_dir)
-    input_dir = Path(tempfile.mkdtemp(prefix=_INPUT_PREFIX, dir=scratch_dir))
-    try:
-        input_dir.chmod(0o755)
-        return created, input_dir, staging.stage_inputs(inputs, input_dir)
-    except BaseException:
-        shutil.rmtree(input_dir, ignore_errors=True)
-        if created:
-            shutil.rmtree(output_dir, ignore_errors=True)
-        raise
-
-
-def _with_outputs(
-    result: ExecutionResult, outputs: tuple[OutputFile, ...], limits: ContainerLimits
-) -> ExecutionResult:
-    """Attach the outputs; a successful run that left too much in /output fails."""
-    if result.succeeded:
-        total = sum(f.size for f in outputs)
-        detail = ""
-        if len(outputs) > limits.output_files:
-            detail = (
-                f"{len(outputs)} files left in /output, over the limit of {limits.output_files}"
-            )
-        elif total > limits.output_bytes:
-            detail = (
-                f"{results.size_text(total)} left in /output, over the limit of "
-                f"{results.size_text(limits.output_bytes)}"
-            )
-        if detail:
-            result = replace(
-                results.output_too_large(detail),
-                exit_code=result.exit_code,
-                stdout=result.stdout,
-                stderr=result.stderr,
-                duration_s=result.duration_s,
-            )
-    return result.with_outputs(outputs)
+                client = client or self.client
+                await asyncio.to_thread(client.containers.remove, name, force=True, v=True)
+                return
+            except NotFound:
+                return
+            except (DockerException, OSError, Unavailable) as exc:
+                if attempt + 1 == _REMOVE_ATTEMPTS:
+                    log.error("cannot remove container %s: %s", name, _explain(exc))
+                else:
+                    log.debug("removing container %s, again: %s", name, _explain(exc))
+                    await asyncio.sleep(0.1 * (attempt + 1))

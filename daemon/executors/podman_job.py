@@ -41,13 +41,19 @@ class PodmanJobExecutor:
     ) -> PodmanJobExecutor:
         """Connect to `settings.podman_socket` (default the rootful systemd socket).
 
-        Raises Unavailable when Podman does not answer: a peer that offers
-        container capabilities must not start without it.
+        /output of every run is bounded by `max_output_bytes` and
+        `max_output_files`. Raises Unavailable when Podman does not answer,
+        FailedPrecondition when the sandbox cannot be built (no catatonit): a
+        peer that offers container capabilities must not start without it.
         """
         executor = PodmanExecutor(
             settings.podman_socket or DEFAULT_SOCKET,
             owner=owner_label(settings),
             scratch_dir=settings.data_dir / "podman-scratch",
+            default_limits=ContainerLimits(
+                output_bytes=settings.max_output_bytes,
+                output_files=settings.max_output_files,
+            ),
             gpu_devices=settings.gpu_devices,
         )
         await executor.start()

@@ -102,12 +102,15 @@ def out_of_fuel(fuel: int) -> ExecutionResult:
     )
 
 
-def timed_out(timeout_s: float, *, killed: bool) -> ExecutionResult:
-    how = (
-        "killed while blocked in a host call (sleep, stdin read, ...)"
-        if killed
-        else "interrupted at its wall-clock deadline"
-    )
+def timed_out(timeout_s: float, *, killed: bool = False, how: str | None = None) -> ExecutionResult:
+    """A run stopped at its deadline. `how` says how it was stopped; without it, the WASM
+    wording: `killed` (blocked in a host call) or interrupted."""
+    if how is None:
+        how = (
+            "killed while blocked in a host call (sleep, stdin read, ...)"
+            if killed
+            else "interrupted at its wall-clock deadline"
+        )
     return ExecutionResult(
         outcome=Outcome.TIMED_OUT,
         message=f"guest timed out after {timeout_s:g} s: {how}",

@@ -2,7 +2,8 @@
 
 Nothing here skips: without Podman these tests fail (CI installs it with
 .ci/install-podman.sh). Every container the suite starts carries the label
-`anvil-compute.owner`; the service fixture fails the suite if any is left.
+`anvil-compute.owner`; the service fixture (conftest.py) fails the suite if
+any is left. The attacks of issue 27 are in test_podman_sandbox.py.
 """
 
 from __future__ import annotations
@@ -10,19 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import re
+import json
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import podman
 import pytest
-from podman.domain.containers_create import CreateMixin
 
 from daemon import config
 from daemon.capability_config import parse_capability
@@ -35,9 +32,10 @@ from daemon.executors.podman import (
     LABEL_OWNER,
     ContainerLimits,
     PodmanExecutor,
+    UserNamespace,
     check_image_ref,
+    container_spec,
     cpu_quota,
-    create_options,
     limits_not_applied,
     socket_path,
 )
@@ -58,50 +56,6 @@ CONTAINERS_DIR = REPO / "guest_modules" / "containers"
 BUILD_SCRIPT = CONTAINERS_DIR / "build_busybox_image.py"
 OWNER = "anvil-tests"
 TEXT = "the quick brown fox\njumps over the lazy dog\n"  # 9 words
-
-
-@pytest.fixture(scope="session")
-def podman_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A private Podman service; afterwards, no container of ours may be left."""
-    service = PodmanService(
-        tmp_path_factory.mktemp("podman"), containers_conf=CONTAINERS_DIR / "containers.conf"
-    )
-    socket_path = service.start()
-    try:
-        yield socket_path
-        with podman.PodmanClient(base_url=f"http+unix://{socket_path}") as client:
-            left = client.containers.list(all=True, filters={"label": LABEL_OWNER})
-            names = [c.name for c in left]
-            for container in left:
-                container.remove(force=True)
-        assert names == [], f"containers left behind: {names}"
-    finally:
-        service.stop()
-
-
-@pytest.fixture(scope="session")
-async def busybox_archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """The example image as an OCI archive, built by the script; (archive, `sha256:<id>`)."""
-    archive = tmp_path_factory.mktemp("image") / "busybox.oci.tar"
-    built = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, str(BUILD_SCRIPT), "--output", str(archive), "--no-load"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    image_id = built.stdout.strip()
-    assert re.fullmatch(r"sha256:[0-9a-f]{64}", image_id), built.stdout
-    return archive, image_id
-
-
-@pytest.fixture(scope="session")
-async def busybox_image(podman_socket: Path, busybox_archive: tuple[Path, str]) -> str:
-    """The example image, loaded through the API. Its id, `sha256:…`."""
-    archive, image_id = busybox_archive
-    async with PodmanExecutor(podman_socket, owner=OWNER) as ex:
-        assert await ex.load_image(archive) == (image_id.removeprefix("sha256:"),)
-    return image_id
 
 
 @pytest.fixture
@@ -301,8 +255,11 @@ async def test_kernel_limits_and_hardening_inside_the_container(
     facts = dict(line.split(None, 1) for line in result.stdout.decode().splitlines())
     assert facts["cpu"] == "25000 100000"
     memory, memsw = facts["memory"].split()
-    # v1 memsw = memory + swap = the limit; v2 swap.max = swap alone = 0.
-    assert memory == str(48 << 20) and memsw in {str(48 << 20), "0"}
+    # The guest's 48 MiB plus the /output and /tmp tmpfs sizes, whose pages the
+    # cgroup is charged for. v1 memsw = memory + swap = the limit; v2 swap.max = 0.
+    cgroup = limits.cgroup_memory_bytes
+    assert cgroup == (48 << 20) + limits.output_tmpfs_bytes + limits.tmp_bytes
+    assert memory == str(cgroup) and memsw in {str(cgroup), "0"}
     assert facts["pids"] == "20"
     assert facts["CapEff:"] == facts["CapBnd:"] == "0000000000000000"
     assert facts["NoNewPrivs:"] == "1"
@@ -312,24 +269,21 @@ async def test_kernel_limits_and_hardening_inside_the_container(
 async def test_inspect_check_names_every_dropped_limit(
     executor: PodmanExecutor, busybox_image: str, tmp_path: Path
 ) -> None:
-    options = create_options(
+    spec = container_spec(
         image_id=await executor.resolve_image(busybox_image),
-        command=["true"],
-        params=(),
+        env={},
         limits=ContainerLimits(),
+        userns=UserNamespace(),
         input_dir=out_dir(tmp_path, "in"),
-        output_dir=out_dir(tmp_path),
+        init_path=executor.init_path,
+        exec_helper=executor.exec_helper,
         name="anvil-inspect-check",
         labels={LABEL_OWNER: OWNER},
     )
-    container = await asyncio.to_thread(executor.client.containers.create, **options)
-    try:
-        await asyncio.to_thread(container.reload)
-        attrs = container.attrs
-    finally:
-        await asyncio.to_thread(container.remove, force=True)
-    assert limits_not_applied(options, attrs) == []
-    host = attrs["HostConfig"]
+    attrs = await asyncio.to_thread(_create_and_inspect, executor.client, spec)
+    assert limits_not_applied(spec, attrs) == []
+    host, config = attrs["HostConfig"], attrs["Config"]
+    tmpfs = host["Tmpfs"]
     for key, value, words in [
         ("PidsLimit", 0, "pids limit"),
         ("Memory", 0, "memory limit"),
@@ -337,16 +291,58 @@ async def test_inspect_check_names_every_dropped_limit(
         ("CpuQuota", 0, "CPU quota"),
         ("NetworkMode", "bridge", "network mode"),
         ("ReadonlyRootfs", False, "read-only rootfs"),
-        ("SecurityOpt", [], "no-new-privileges"),
+        ("SecurityOpt", [f"seccomp={spec['seccomp_profile_path']}"], "no-new-privileges"),
+        ("SecurityOpt", ["no-new-privileges"], "seccomp profile"),
+        ("SecurityOpt", ["no-new-privileges", "seccomp=unconfined"], "seccomp profile"),
         ("CapAdd", ["CAP_SYS_ADMIN"], "capabilities added"),
+        ("UsernsMode", "host", "user namespace"),
+        ("IDMappings", {**host["IDMappings"], "UidMap": ["0:0:4294967295"]}, "uid map"),
+        ("Devices", [{"PathOnHost": "/dev/kvm", "PathInContainer": "/dev/kvm"}], "devices"),
+        ("Tmpfs", {**tmpfs, "/output": "rw,size=1g"}, "tmpfs /output lacks"),
+        ("Tmpfs", {**tmpfs, "/var/tmp": "rw"}, "tmpfs mounts"),
     ]:
         broken = {**attrs, "HostConfig": {**host, key: value}}
-        problems = limits_not_applied(options, broken)
+        problems = limits_not_applied(spec, broken)
         assert len(problems) == 1 and words in problems[0], (key, problems)
-    mounts = [{**m, "RW": True} for m in attrs["Mounts"]]
-    assert limits_not_applied(options, {**attrs, "Mounts": mounts}) == [
+    as_root = limits_not_applied(spec, {**attrs, "Config": {**config, "User": "0:0"}})
+    assert as_root == ["user is '0:0', not '65534:65534'"]
+    mounts = [{**m, "RW": m["Destination"] == "/input"} for m in attrs["Mounts"]]
+    assert limits_not_applied(spec, {**attrs, "Mounts": mounts}) == [
         "/input writable is True, not False"
     ]
+    loose = [{**m, "Options": ["rbind"]} if m["Destination"] == "/input" else m for m in mounts]
+    assert "/input is mounted without nodev, noexec, nosuid" in limits_not_applied(
+        spec, {**attrs, "Mounts": loose}
+    )
+    volume = {"Destination": "/data", "Type": "volume", "RW": True}
+    extra = limits_not_applied(spec, {**attrs, "Mounts": [*attrs["Mounts"], volume]})
+    assert len(extra) == 1 and extra[0].startswith("mounts is"), extra
+
+
+def _create_and_inspect(client: Any, spec: dict[str, Any]) -> dict[str, Any]:
+    """Create a container from `spec` through the API, inspect it, remove it."""
+    created = client.api.post("/containers/create", data=json.dumps(spec))
+    created.raise_for_status()
+    try:
+        inspected = client.api.get(f"/containers/{created.json()['Id']}/json")
+        inspected.raise_for_status()
+        return dict(inspected.json())
+    finally:
+        client.containers.remove(created.json()["Id"], force=True)
+
+
+def _create_dropping(executor: PodmanExecutor, monkeypatch: pytest.MonkeyPatch, drop: Any) -> None:
+    """Make the executor's create call lose what `drop(body)` removes, as Podman might."""
+    real_post = executor.client.api.post
+
+    def post(path: str, *args: Any, **kwargs: Any) -> Any:
+        if path == "/containers/create":
+            body = json.loads(kwargs["data"])
+            drop(body)
+            kwargs["data"] = json.dumps(body)
+        return real_post(path, *args, **kwargs)
+
+    monkeypatch.setattr(executor.client.api, "post", post)
 
 
 async def test_refuses_to_run_when_podman_drops_a_limit(
@@ -355,20 +351,27 @@ async def test_refuses_to_run_when_podman_drops_a_limit(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    marker = tmp_path / "out" / "ran"
-    real_create = executor.client.containers.create
-
-    def create_dropping_pids(image: str, **kwargs: Any) -> Any:
-        # What Podman does on hosts that cannot apply a limit: create without it.
-        kwargs.pop("pids_limit")
-        return real_create(image, **kwargs)
-
-    monkeypatch.setattr(executor.client.containers, "create", create_dropping_pids)
+    # What Podman does on hosts that cannot apply a limit: create without it.
+    _create_dropping(executor, monkeypatch, lambda body: body["resource_limits"].pop("pids"))
+    out = out_dir(tmp_path)
     with pytest.raises(FailedPrecondition, match=r"refusing to run: pids limit is \S+, not 64"):
+        await executor.run(busybox_image, command=["touch", "/tmp/ran"], output_dir=out)
+    assert await executor.containers() == []
+
+
+async def test_refuses_to_run_without_our_seccomp_profile(
+    executor: PodmanExecutor,
+    busybox_image: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The profile dropped while inspect still shows it: Podman's default profile
+    # (which lets unshare through) is in force, and anvil-exec refuses to run.
+    _create_dropping(executor, monkeypatch, lambda body: body.pop("seccomp_profile_path"))
+    with pytest.raises(FailedPrecondition, match="seccomp profile of anvil-compute is not in"):
         await executor.run(
-            busybox_image, command=["touch", "/output/ran"], output_dir=out_dir(tmp_path)
+            busybox_image, command=["sh", "-c", "echo RAN"], output_dir=out_dir(tmp_path)
         )
-    assert not marker.exists()
     assert await executor.containers() == []
 
 
@@ -437,7 +440,9 @@ async def test_memory_hog_is_killed_and_reported_as_memory_limit(
             "memory_mib": 32,
         },
     )
-    job = await job_executor(podman_socket, tmp_path)
+    # The cgroup also holds the /output and /tmp tmpfs sizes: keep them small.
+    job = await job_executor(podman_socket, tmp_path, max_output_bytes=8 << 20)
+    assert job.executor.default_limits.output_bytes == 8 << 20
     try:
         outcome = await job.execute(
             ExecutionRequest(
@@ -453,8 +458,8 @@ async def test_memory_hog_is_killed_and_reported_as_memory_limit(
     finally:
         await job.close()
     assert outcome.state is JobState.FAILED
-    assert "guest hit its memory limit of 32 MiB" in outcome.error, outcome.error
-    assert outcome.stdout == b""
+    assert outcome.error.startswith("guest hit its memory limit of 32 MiB: the kernel's OOM killer")
+    assert (outcome.stdout, outcome.exit_code) == (b"", 137)
 
 
 async def test_network_egress_is_impossible(
@@ -509,7 +514,7 @@ async def test_writes_to_rootfs_and_input_are_refused(
     executor: PodmanExecutor, busybox_image: str, tmp_path: Path, text_file: Path
 ) -> None:
     script = """
-    for target in /etc/passwd /bin/new /new /input/0 /input/new /tmp/new; do
+    for target in /etc/passwd /bin/new /new /var/tmp/new /input/0 /input/new; do
         if echo x > $target; then echo "WROTE $target"; fi
     done
     rm -f /bin/busybox && echo "REMOVED busybox"
@@ -521,7 +526,7 @@ async def test_writes_to_rootfs_and_input_are_refused(
     result = await sh(executor, busybox_image, script, tmp_path, inputs=(text_file,))
     assert result.outcome is Outcome.OK, result.stderr
     assert result.stdout == b"", result.stdout
-    assert result.stderr.count(b"Read-only file system") >= 6, result.stderr
+    assert result.stderr.count(b"Read-only file system") >= 7, result.stderr
     assert await asyncio.to_thread(text_file.read_text) == TEXT
     assert [(f.name, f.path.read_bytes()) for f in result.outputs] == [("ok.txt", b"fine\n")]
 
@@ -539,9 +544,8 @@ async def test_sleep_past_the_deadline_is_killed_and_removed(
     )
     elapsed = time.monotonic() - started
     assert result.outcome is Outcome.TIMED_OUT, result.message
-    assert (
-        result.message == "guest timed out after 1 s: killed while blocked in a host call "
-        "(sleep, stdin read, ...)"
+    assert result.message == (
+        "guest timed out after 1 s: the container was killed at its wall-clock deadline"
     )
     assert result.stdout == b"started\n"
     assert 1 <= elapsed < 10, elapsed
@@ -601,13 +605,7 @@ async def test_gpu_capability_gets_the_cdi_devices(
     )
     job = await job_executor(podman_socket, tmp_path)
     sent: list[dict[str, Any]] = []
-    real_create = job.executor.client.containers.create
-
-    def recording_create(image: str, **kwargs: Any) -> Any:
-        sent.append(CreateMixin._render_payload({"image": image, **kwargs}))
-        return real_create(image, **kwargs)
-
-    monkeypatch.setattr(job.executor.client.containers, "create", recording_create)
+    _create_dropping(job.executor, monkeypatch, sent.append)
     try:
         outcome = await job.execute(
             ExecutionRequest(
@@ -640,19 +638,19 @@ async def test_gpu_capability_gets_the_cdi_devices(
     assert outcome.state is JobState.FAILED
     assert "CDI" in outcome.error and "nvidia.com/gpu=all" in outcome.error, outcome.error
 
-    configured = create_options(
+    configured = container_spec(
         image_id="0" * 64,
-        command=[],
-        params=(),
+        env={},
         limits=ContainerLimits(),
+        userns=UserNamespace(),
         input_dir=tmp_path,
-        output_dir=tmp_path,
+        init_path=tmp_path,
+        exec_helper=tmp_path,
         name="n",
         labels={},
         devices=["nvidia.com/gpu=0", "nvidia.com/gpu=1"],
     )
-    rendered = CreateMixin._render_payload(configured)
-    assert rendered["devices"] == [{"path": "nvidia.com/gpu=0"}, {"path": "nvidia.com/gpu=1"}]
+    assert configured["devices"] == [{"path": "nvidia.com/gpu=0"}, {"path": "nvidia.com/gpu=1"}]
 
 
 # -- through a real daemon -----------------------------------------------------
