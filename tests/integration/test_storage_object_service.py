@@ -335,6 +335,7 @@ async def test_a_put_forwarded_to_a_full_owner_is_resource_exhausted(tmp_path: P
     front_store = LocalStore(tmp_path / "front")
     owner = Fabric(store=owner_store, peer_id=owner_id, owners=owners, connect=connect)
     front = Fabric(store=front_store, peer_id=front_id, owners=owners, connect=connect)
+
     async def no_jobs(job_id: uuid.UUID) -> str | None:
         return None
 
