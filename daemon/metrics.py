@@ -127,6 +127,12 @@ JOBS_PRUNED = Counter(
     "Finished jobs this peer deleted from the registry after their retention",
     registry=REGISTRY,
 )
+RESULT_OBJECTS_DELETED = Counter(
+    f"{PREFIX}_result_objects_deleted",
+    "Job output objects this peer deleted from its store: their job was pruned, or "
+    "ended without keeping them",
+    registry=REGISTRY,
+)
 QUEUE_DEPTH = Gauge(
     f"{PREFIX}_queue_depth",
     "Jobs placed on this peer and waiting to be claimed (refreshed every few seconds)",

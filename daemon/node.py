@@ -40,6 +40,7 @@ from daemon.runner import Runner, RunnerOptions
 from daemon.server import Server, ServerOptions
 from daemon.services.compute import ComputeService, SubmitPolicy
 from daemon.services.peer import PeerService
+from daemon.storage import results
 from daemon.storage.anvil_client import AnvilClient
 from daemon.storage.cache import DiskCache
 from daemon.storage.fabric import FORWARDED_HEADER, Fabric, Owner
@@ -260,6 +261,7 @@ class Node:
             dispatch=dispatch,
             interval_s=max(s.lease_s / 4, 0.2),
             retention=timedelta(seconds=s.job_retention_s) if s.job_retention_s else None,
+            sweep_results=lambda: results.sweep(store, registry.jobs.outputs),
         )
         rebalancer = Rebalancer(
             fabric=fabric,

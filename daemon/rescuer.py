@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 from daemon import metrics, retry
@@ -34,12 +34,15 @@ class Rescuer:
         dispatch: Callable[[uuid.UUID, str, uuid.UUID], None],
         interval_s: float,
         retention: timedelta | None = None,
+        sweep_results: Callable[[], Awaitable[int]] | None = None,
     ) -> None:
         self._registry = registry
         self._view = view
         self._dispatch = dispatch
         self._interval_s = interval_s
         self._retention = retention
+        # Deletes this peer's stored outputs that no job keeps any more.
+        self._sweep_results = sweep_results
         # A short retention (tests, scratch clusters) is enforced at its own pace.
         self._prune_every_s = PRUNE_EVERY_S
         if retention is not None:
@@ -57,14 +60,21 @@ class Rescuer:
                 log.exception("rescue sweep failed unexpectedly")
 
     async def prune_loop(self) -> None:
-        """Prune on its own clock: a backlog of deletes never delays a rescue."""
-        if self._retention is None:
-            return
+        """Prune on its own clock: a backlog of deletes never delays a rescue.
+
+        Then delete the outputs no job keeps (of pruned jobs, of attempts that
+        did not end their job), also when jobs are kept forever.
+        """
         while True:
             await asyncio.sleep(max(0.0, self._next_prune - time.monotonic()))
             self._next_prune = time.monotonic() + self._prune_every_s
             try:
                 await self.prune()
+                if self._sweep_results is not None:
+                    deleted = await self._sweep_results()
+                    if deleted:
+                        metrics.RESULT_OBJECTS_DELETED.inc(deleted)
+                        log.info("deleted %d output objects no job keeps", deleted)
             except AnvilError as exc:
                 log.warning("pruning finished jobs failed: %s", exc)
             except Exception:

@@ -148,6 +148,10 @@ WHERE job_id IN (
 -- name: get_job
 SELECT * FROM jobs WHERE job_id = %(job_id)s;
 
+-- name: job_outputs
+-- What the results janitor keeps: the outputs of the jobs that still exist.
+SELECT job_id, state, output_refs FROM jobs WHERE job_id = ANY(%(job_ids)s::uuid[]);
+
 -- name: get_job_owner
 -- Whose job it is, without reading its (possibly large) output.
 SELECT submitted_by FROM jobs WHERE job_id = %(job_id)s;

@@ -159,6 +159,13 @@ class JobStore:
             raise JobNotFound(f"job {job_id} not found")
         return Job.from_row(row)
 
+    async def outputs(
+        self, job_ids: Sequence[uuid.UUID]
+    ) -> dict[uuid.UUID, tuple[JobState, tuple[str, ...]]]:
+        """(state, output refs) of each of these jobs that still exists."""
+        rows = await self._all("job_outputs", {"job_ids": list(job_ids)})
+        return {row["job_id"]: (JobState(row["state"]), tuple(row["output_refs"])) for row in rows}
+
     async def owner(self, job_id: uuid.UUID) -> str | None:
         """The tenant that submitted the job (its `submitted_by`); None if there is none."""
         row = await self._one("get_job_owner", {"job_id": job_id})

@@ -218,6 +218,57 @@ class LocalStore:
         info = ObjectInfo(bucket="", key="", size=size, sha256=digest, etag=digest)
         return BlobReader(path, info, chunk_size=chunk_size)
 
+    def keys(self, bucket: str, *, after: str = "", limit: int = 1000) -> list[str]:
+        """The keys of `bucket` held here, in order, after `after`: page with the last key."""
+        validate_bucket(bucket)
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT DISTINCT key FROM objects WHERE bucket = ? AND key > ?"
+                " ORDER BY key LIMIT ?",
+                (bucket, after, limit),
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def delete(self, bucket: str, key: str) -> int:
+        """Remove every version of bucket/key held here; return the bytes freed (0: none).
+
+        A blob no other version names is removed with it. The blob is moved
+        aside while the index's write lock is held (so no writer can link the
+        same digest meanwhile) and removed only once the delete has committed.
+        """
+        validate_bucket(bucket)
+        validate_key(key)
+        trash: list[tuple[Path, Path]] = []
+        with self._connect(autocommit=True) as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = db.execute(
+                    "SELECT sha256, size FROM objects WHERE bucket = ? AND key = ?", (bucket, key)
+                ).fetchall()
+                freed = sum(int(size) for _, size in rows)
+                db.execute("DELETE FROM objects WHERE bucket = ? AND key = ?", (bucket, key))
+                db.execute("UPDATE usage SET bytes = bytes - ? WHERE id = 1", (freed,))
+                for digest in {str(d) for d, _ in rows}:
+                    named = db.execute(
+                        "SELECT 1 FROM objects WHERE sha256 = ? LIMIT 1", (digest,)
+                    ).fetchone()
+                    blob = self.blob_path(digest)
+                    if named is None and blob.exists():
+                        aside = self._tmp / f"deleted-{digest}-{uuid.uuid4().hex}"
+                        blob.rename(aside)
+                        trash.append((aside, blob))
+                (used,) = db.execute("SELECT bytes FROM usage WHERE id = 1").fetchone()
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                for aside, blob in trash:
+                    aside.rename(blob)
+                raise
+        for aside, _ in trash:
+            aside.unlink(missing_ok=True)
+        self._settle(0, used=int(used))
+        return freed
+
     def blob_path(self, sha256: str) -> Path:
         return self._blobs / sha256[:2] / sha256
 

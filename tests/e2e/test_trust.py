@@ -516,3 +516,30 @@ def test_token_issue_mints_narrower_tokens(peers: PeerFactory, tmp_path: Path) -
     missing = issue("--sub", "x", ANVIL_DATA_DIR=str(tmp_path / "nowhere"))
     assert missing.returncode == 1 and "no auth secret" in missing.stderr
     assert not (tmp_path / "nowhere" / "auth.secret").exists()
+
+
+async def test_outputs_go_with_their_pruned_job(peers: PeerFactory) -> None:
+    peer = await asyncio.to_thread(
+        peers.start,
+        config=examples_config(),
+        ANVIL_MAX_INLINE_OUTPUT="1",
+        ANVIL_JOB_RETENTION_S="1",
+    )
+    async with peer.client() as client:
+        job = await client.submit("text:wordcount")
+        final = await client.wait(job.job_id)
+    assert state(final) is JobState.SUCCEEDED and final.output_refs
+    result = parse_ref(final.output_refs[0])
+    # An operator may read any result: what it gets is the object's own answer.
+    admin_token = (peer.data_dir / "operator.token").read_text().strip()
+    async with AnvilClient.connect(peer.address, token=admin_token) as objects:
+
+        async def gone() -> bool:
+            try:
+                await objects.head(result)
+            except ObjectNotFound:
+                return True
+            return False
+
+        await eventually(gone, timeout=30)
+    assert peer.metric("anvil_compute_result_objects_deleted_total") >= 1
