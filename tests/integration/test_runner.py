@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +19,7 @@ from daemon.execution import ExecutionOutcome, ExecutionRequest
 from daemon.jobstate import JobState
 from daemon.registry import Registry
 from daemon.registry.listener import JOB_EVENTS, Listener
-from daemon.registry.models import JobSpec
+from daemon.registry.models import Job, JobSpec
 from daemon.storage.cache import DiskCache
 from daemon.storage.fabric import Fabric
 from daemon.storage.fetcher import Fetcher
@@ -54,6 +55,7 @@ async def started_runner(
     peer: uuid.UUID,
     cap: LocalCapability,
     executor: object,
+    fabric_type: type[Fabric] = Fabric,
 ) -> AsyncIterator[runner_mod.Runner]:
     """A Runner for `cap` on `registry`, started (its hub listening on the real
     database); closed with everything it uses when the block ends."""
@@ -64,7 +66,7 @@ async def started_runner(
     store = LocalStore(tmp_path / "data")
     try:
         with DiskCache(tmp_path / "cache", max_bytes=1 << 20) as cache:
-            fabric = Fabric(
+            fabric = fabric_type(
                 store=store, peer_id=peer, owners=lambda key: [], connect=lambda a: None
             )  # type: ignore[arg-type,return-value]
             runner = runner_mod.Runner(
@@ -174,3 +176,96 @@ async def test_a_peer_cut_off_from_the_registry_kills_its_guest_before_its_lease
     assert executor.killed_at < latest_expiry.timestamp(), "the guest outlived its lease"
     after = await registry.jobs.get(job.job_id)
     assert after.state is JobState.RUNNING  # no result was written; a rescue takes it from here
+
+
+class LeavesFiles:
+    """An executor whose guest ends at once, in `state`, having left `count` files."""
+
+    def __init__(self, state: JobState, count: int) -> None:
+        self.state = state
+        self.count = count
+
+    async def execute(self, request: ExecutionRequest) -> ExecutionOutcome:
+        request.output_dir.mkdir(parents=True)
+        files = []
+        for i in range(self.count):
+            path = request.output_dir / f"f{i}"
+            path.write_bytes(b"x" * 100)
+            files.append(path)
+        return ExecutionOutcome(state=self.state, stdout=b"y" * 5000, output_files=tuple(files))
+
+    async def close(self) -> None:
+        return None
+
+
+class SlowFabric(Fabric):
+    """The real store, reached over a link that takes `delay_s` per object."""
+
+    delay_s = 0.2
+
+    async def put_file(self, path: Path, *, bucket: str, key: str) -> Any:
+        await asyncio.sleep(self.delay_s)
+        return await super().put_file(path, bucket=bucket, key=key)
+
+
+async def until_terminal(registry: Registry, job_id: uuid.UUID, timeout: float = 10) -> Job:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = await registry.jobs.get(job_id)
+        if job.state.terminal or time.monotonic() > deadline:
+            return job
+        await asyncio.sleep(0.05)
+
+
+async def test_storing_outputs_counts_against_the_jobs_timeout(
+    registry: Registry, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runner_mod, "UPLOAD_GRACE_S", 0.2)
+    peer = uuid.uuid4()
+    cap = LocalCapability(name="test:files", kind="wasm", module=str(tmp_path / "m.wasm"))
+    job = (
+        await registry.jobs.submit(
+            JobSpec(capability="test:files", region="local", timeout_ms=500), peer_id=peer
+        )
+    ).job
+    began = time.monotonic()
+    async with started_runner(
+        registry,
+        database_url,
+        tmp_path,
+        peer=peer,
+        cap=cap,
+        executor=LeavesFiles(JobState.SUCCEEDED, 50),  # 50 x 0.2 s to store
+        fabric_type=SlowFabric,
+    ):
+        final = await until_terminal(registry, job.job_id)
+    assert final.state is JobState.TIMED_OUT, final
+    assert "storing the job's outputs did not finish within its timeout of 0.5 s" in final.error
+    assert final.output_refs == ()
+    assert time.monotonic() - began < 5
+
+
+async def test_nothing_of_a_failed_attempt_is_stored(
+    registry: Registry, database_url: str, tmp_path: Path
+) -> None:
+    peer = uuid.uuid4()
+    cap = LocalCapability(name="test:files", kind="wasm", module=str(tmp_path / "m.wasm"))
+    job = (
+        await registry.jobs.submit(
+            JobSpec(capability="test:files", region="local", timeout_ms=5000), peer_id=peer
+        )
+    ).job
+    async with started_runner(
+        registry,
+        database_url,
+        tmp_path,
+        peer=peer,
+        cap=cap,
+        executor=LeavesFiles(JobState.FAILED, 3),
+    ):
+        final = await until_terminal(registry, job.job_id)
+    assert final.state is JobState.FAILED
+    assert final.output_refs == ()
+    # Its stdout is kept inline, cut to max_inline_output; no object was stored.
+    assert final.output == b"y" * 1024
+    assert LocalStore(tmp_path / "data").keys("anvil-results") == []
