@@ -33,6 +33,9 @@ WHERE peer_id = %(peer_id)s AND NOT (capability = ANY(%(keep)s))
 RETURNING capability;
 
 -- name: list_capabilities
+-- Capabilities in (capability, peer_id) order, filtered; a page of them after
+-- the last row of the previous page (keyset paging: no row is skipped or
+-- repeated when rows come and go between pages), or all with a NULL limit.
 SELECT c.peer_id, c.region, c.capability, c.resources, c.max_concurrency,
        e.executor, p.address,
        (p.state = 'up' AND p.heartbeat_at > clock_timestamp() - %(ttl)s) AS peer_live
@@ -42,26 +45,12 @@ LEFT JOIN peers p USING (peer_id)
 WHERE (%(capability)s::text IS NULL OR c.capability = %(capability)s)
   AND (%(region)s::text IS NULL OR c.region = %(region)s)
   AND (%(peer_id)s::uuid IS NULL OR c.peer_id = %(peer_id)s)
-ORDER BY c.capability, c.peer_id;
-
--- name: list_capabilities_page
--- One page of ListCapabilities, in (capability, peer_id) order after the last
--- row of the previous page (keyset paging: no row is skipped or repeated when
--- rows come and go between pages).
-SELECT c.peer_id, c.region, c.capability, c.resources, c.max_concurrency,
-       e.executor, p.address,
-       (p.state = 'up' AND p.heartbeat_at > clock_timestamp() - %(ttl)s) AS peer_live
-FROM compute_capabilities c
-LEFT JOIN capability_executors e USING (peer_id, capability)
-LEFT JOIN peers p USING (peer_id)
-WHERE (%(capability)s::text IS NULL OR c.capability = %(capability)s)
-  AND (%(region)s::text IS NULL OR c.region = %(region)s)
   AND (NOT %(live_only)s
        OR (p.state = 'up' AND p.heartbeat_at > clock_timestamp() - %(ttl)s))
   AND (%(after_capability)s::text IS NULL
        OR (c.capability, c.peer_id) > (%(after_capability)s, %(after_peer_id)s::uuid))
 ORDER BY c.capability, c.peer_id
-LIMIT %(limit)s;
+LIMIT %(limit)s::bigint;
 
 -- name: upsert_peer
 INSERT INTO peers (peer_id, address, region, state, version, started_at, heartbeat_at)

@@ -69,31 +69,6 @@ class CapabilityStore:
             async with self._pool.connection() as conn:
                 await conn.execute(queries.get("delete_peer_capabilities"), {"peer_id": peer_id})
 
-    async def page(
-        self,
-        *,
-        capability: str | None,
-        region: str | None,
-        live_only: bool,
-        after: tuple[str, uuid.UUID] | None,
-        limit: int,
-    ) -> list[Capability]:
-        """Up to `limit` rows in (capability, peer) order after `after` (keyset paging)."""
-        params: dict[str, Any] = {
-            "capability": capability or None,
-            "region": region or None,
-            "live_only": live_only,
-            "ttl": self._peer_ttl,
-            "after_capability": after[0] if after else None,
-            "after_peer_id": after[1] if after else None,
-            "limit": limit,
-        }
-        with translate_errors():
-            async with self._pool.connection() as conn:
-                cur = await conn.execute(queries.get("list_capabilities_page"), params)
-                rows = await cur.fetchall()
-        return [Capability.from_row(row) for row in rows]
-
     async def find(
         self,
         *,
@@ -102,21 +77,26 @@ class CapabilityStore:
         peer_id: uuid.UUID | None = None,
         resources: Mapping[str, str] | None = None,
         live_only: bool = False,
+        after: tuple[str, uuid.UUID] | None = None,
+        limit: int | None = None,
     ) -> list[Capability]:
-        """Registered capabilities matching every filter given, ordered by (capability, peer)."""
+        """Registered capabilities matching every filter given, in (capability, peer)
+        order: all of them, or up to `limit` after the row `after` (keyset paging)."""
         params: dict[str, Any] = {
             "capability": capability or None,
             "region": region or None,
             "peer_id": peer_id,
+            "live_only": live_only,
             "ttl": self._peer_ttl,
+            "after_capability": after[0] if after else None,
+            "after_peer_id": after[1] if after else None,
+            "limit": limit,
         }
         with translate_errors():
             async with self._pool.connection() as conn:
                 cur = await conn.execute(queries.get("list_capabilities"), params)
                 rows = await cur.fetchall()
         found = [Capability.from_row(row) for row in rows]
-        if live_only:
-            found = [c for c in found if c.peer_live]
         if resources:
             found = [c for c in found if satisfies(c.resources, resources)]
         return found

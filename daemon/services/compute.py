@@ -138,7 +138,7 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
         if not 0 <= request.page_size <= MAX_PAGE_SIZE:
             raise InvalidArgument(f"page_size must be between 0 and {MAX_PAGE_SIZE}")
         size = request.page_size or DEFAULT_PAGE_SIZE
-        found = await self._registry.capabilities.page(
+        found = await self._registry.capabilities.find(
             capability=request.capability or None,
             region=request.region or None,
             live_only=request.live_only,

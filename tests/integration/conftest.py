@@ -9,7 +9,7 @@ import asyncio
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import podman
@@ -17,6 +17,7 @@ import pytest
 
 from daemon.executors.podman import LABEL_OWNER, PodmanExecutor
 from daemon.executors.podman_service import PodmanService
+from tests.integration.containers import OWNER, TEXT
 
 REPO = Path(__file__).resolve().parents[2]
 CONTAINERS_DIR = REPO / "guest_modules" / "containers"
@@ -65,3 +66,18 @@ async def busybox_image(podman_socket: Path, busybox_archive: tuple[Path, str]) 
     async with PodmanExecutor(podman_socket, owner="anvil-tests") as ex:
         assert await ex.load_image(archive) == (image_id.removeprefix("sha256:"),)
     return image_id
+
+
+@pytest.fixture
+async def executor(podman_socket: Path, tmp_path: Path) -> AsyncIterator[PodmanExecutor]:
+    """An executor on the test Podman service; it must leave no container behind."""
+    async with PodmanExecutor(podman_socket, owner=OWNER, scratch_dir=tmp_path / "scratch") as ex:
+        yield ex
+        assert await ex.containers() == []
+
+
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT)
+    return path

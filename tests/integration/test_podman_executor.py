@@ -15,7 +15,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,28 +48,13 @@ from daemon.storage.cache import DiskCache
 from daemon.storage.fetcher import Fetcher
 from daemon.storage.local_store import LocalStore
 from tests.e2e.cluster import PeerFactory
+from tests.integration.containers import OWNER, TEXT
 
 pytestmark = pytest.mark.podman
 
 REPO = Path(__file__).resolve().parents[2]
 CONTAINERS_DIR = REPO / "guest_modules" / "containers"
 BUILD_SCRIPT = CONTAINERS_DIR / "build_busybox_image.py"
-OWNER = "anvil-tests"
-TEXT = "the quick brown fox\njumps over the lazy dog\n"  # 9 words
-
-
-@pytest.fixture
-async def executor(podman_socket: Path, tmp_path: Path) -> AsyncIterator[PodmanExecutor]:
-    async with PodmanExecutor(podman_socket, owner=OWNER, scratch_dir=tmp_path / "scratch") as ex:
-        yield ex
-        assert await ex.containers() == []
-
-
-@pytest.fixture
-def text_file(tmp_path: Path) -> Path:
-    path = tmp_path / "text.txt"
-    path.write_text(TEXT)
-    return path
 
 
 async def job_executor(

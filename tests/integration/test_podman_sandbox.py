@@ -22,7 +22,7 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +37,12 @@ from daemon.executors.podman_job import PodmanJobExecutor
 from daemon.executors.podman_service import PodmanService
 from daemon.executors.result import ExecutionResult, Outcome
 from daemon.jobstate import JobState
+from tests.integration.containers import OWNER, TEXT
 
 pytestmark = pytest.mark.podman
 
 REPO = Path(__file__).resolve().parents[2]
-OWNER = "anvil-tests"
 MIB = 1 << 20
-TEXT = "the quick brown fox\njumps over the lazy dog\n"  # 9 words
 DAEMON_USER = "anvil-podman-test"
 
 # Freestanding x86-64 program (no C library): tries the system calls behind
@@ -86,13 +85,6 @@ __attribute__((force_align_arg_pointer)) void _start(void) {
 }
 """
 EPERM, ENOSYS = -1, -38
-
-
-@pytest.fixture
-async def executor(podman_socket: Path, tmp_path: Path) -> AsyncIterator[PodmanExecutor]:
-    async with PodmanExecutor(podman_socket, owner=OWNER, scratch_dir=tmp_path / "scratch") as ex:
-        yield ex
-        assert await ex.containers() == []
 
 
 @pytest.fixture(scope="session")
@@ -199,13 +191,6 @@ def disk_use(folder: Path) -> int:
             with contextlib.suppress(OSError):  # files come and go while a run is sampled
                 total += os.lstat(os.path.join(root, name)).st_blocks * 512
     return total
-
-
-@pytest.fixture
-def text_file(tmp_path: Path) -> Path:
-    path = tmp_path / "text.txt"
-    path.write_text(TEXT)
-    return path
 
 
 # -- host root -----------------------------------------------------------------
