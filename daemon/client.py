@@ -185,13 +185,15 @@ class ComputeClient:
             )
         return f"anvil://{bucket}/{quote(info.key)}?sha256={info.sha256}"
 
-    async def resolve_inputs(self, items: Sequence[str]) -> list[str]:
-        """Refs pass through (validated); local paths are uploaded first."""
+    async def resolve_inputs(
+        self, items: Sequence[str], *, bucket: str = INPUT_BUCKET
+    ) -> list[str]:
+        """Refs pass through (validated); local paths are uploaded to `bucket` first."""
         refs = []
         for item in items:
             if looks_like_ref(item):
                 parse_ref(item)
                 refs.append(item)
             else:
-                refs.append(await self.upload(Path(item)))
+                refs.append(await self.upload(Path(item), bucket=bucket))
         return refs

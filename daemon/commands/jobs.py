@@ -13,7 +13,7 @@ from typing import Any
 from grpc import aio
 
 from daemon import config
-from daemon.client import ComputeClient, find_token
+from daemon.client import INPUT_BUCKET, ComputeClient, find_token
 from daemon.convert import PROTO_TO_JOB_STATE
 from daemon.exceptions import AnvilError, ErrorCode, InvalidArgument
 from daemon.jobstate import JobState
@@ -51,6 +51,12 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     submit.add_argument(
         "--param", action="append", default=[], metavar="K=V", help="a job parameter"
+    )
+    submit.add_argument(
+        "--bucket",
+        default=INPUT_BUCKET,
+        help="where local --input files are uploaded (default: %(default)s); a token "
+        "limited to some buckets names one of them",
     )
     submit.add_argument("--region", default="local")
     submit.add_argument("--timeout", type=float, default=0, help="seconds (default: peer's)")
@@ -127,7 +133,7 @@ def describe(status: compute_pb2.GetJobStatusResponse) -> dict[str, Any]:
 
 
 async def _submit(client: ComputeClient, args: argparse.Namespace) -> int:
-    inputs = await client.resolve_inputs(args.input)
+    inputs = await client.resolve_inputs(args.input, bucket=args.bucket)
     response = await client.submit(
         args.capability,
         region=args.region,

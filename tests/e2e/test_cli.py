@@ -206,9 +206,13 @@ async def test_watch_prints_each_state_as_it_happens(peers: PeerFactory, tmp_pat
     from tests.e2e.guests import guests_config
 
     peer = await asyncio.to_thread(peers.start, config=guests_config(tmp_path))
-    first = (await asyncio.to_thread(cli, peer, "submit", "test:sleep")).stdout.strip()
+    # test:sleep runs one job at a time, 1.5 s each: three ahead keep the watched
+    # job queued for 4.5 s, however slowly the CLI starts on a loaded machine.
+    async with peer.client() as client:
+        ahead = [(await client.submit("test:sleep")).job_id for _ in range(3)]
+    first = ahead[0]
     second = (await asyncio.to_thread(cli, peer, "submit", "test:sleep")).stdout.strip()
-    watched = await asyncio.to_thread(cli, peer, "watch", second)  # queued behind the first
+    watched = await asyncio.to_thread(cli, peer, "watch", second)  # queued behind the others
     assert watched.returncode == 0, watched.stderr
     states = [line.split()[0] for line in watched.stdout.splitlines() if "attempt" in line]
     assert states == ["QUEUED", "RUNNING", "SUCCEEDED"], watched.stdout
