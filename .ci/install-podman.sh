@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs Podman for the container executor's tests (tests/integration/test_podman_*.py):
 # podman with runc (crun fails on this kernel's hybrid cgroups), catatonit (the pause
-# process every job container runs, daemon/executors/podman.py), busybox-static for the
+# process every job container runs, daemon/executors/podman/executor.py), busybox-static for the
 # example image, and the containers.conf they need. Idempotent; run as root on Debian 12.
 set -euo pipefail
 cd "$(dirname "$0")/.."

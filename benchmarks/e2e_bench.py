@@ -84,7 +84,7 @@ async def podman_run_latency(n: int) -> list[float]:
     """`podman run` of the example image against a private Podman service."""
     from podman_bench import CONTAINERS, build_image, load_image, podman_run_command
 
-    from daemon.executors.podman_service import PodmanService
+    from daemon.executors.podman.service import PodmanService
 
     with tempfile.TemporaryDirectory(prefix="e2e-podman-") as tmp:
         root = Path(tmp)

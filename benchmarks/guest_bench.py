@@ -29,8 +29,8 @@ from typing import ParamSpec, TypeVar
 
 import numpy as np
 
-from daemon.executors.wasm import WasmExecutor
-from daemon.executors.worker_pool import PoolSettings
+from daemon.executors.wasm.executor import WasmExecutor
+from daemon.executors.wasm.pool import PoolSettings
 
 DIST = Path(__file__).resolve().parent.parent / "guest_modules" / "dist"
 PUNCTUATION = string.punctuation.encode()

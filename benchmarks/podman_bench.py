@@ -33,12 +33,12 @@ from pathlib import Path
 
 from wasm_bench import Stats, measure, measure_async, trivial_module
 
-from daemon.executors.podman import PodmanExecutor
-from daemon.executors.podman_sandbox import SECCOMP_PROFILE
-from daemon.executors.podman_service import PodmanService
-from daemon.executors.result import Outcome
-from daemon.executors.wasm import WasmExecutor
-from daemon.executors.worker_pool import PoolSettings
+from daemon.executors.podman.executor import PodmanExecutor
+from daemon.executors.podman.sandbox import SECCOMP_PROFILE
+from daemon.executors.podman.service import PodmanService
+from daemon.executors.result import RunEnd
+from daemon.executors.wasm.executor import WasmExecutor
+from daemon.executors.wasm.pool import PoolSettings
 
 REPO = Path(__file__).resolve().parent.parent
 CONTAINERS = REPO / "guest_modules" / "containers"
@@ -66,7 +66,7 @@ async def wasm_job(root: Path, outputs: Outputs, repeat: int) -> Stats:
 
         async def once() -> None:
             result = await ex.run(module, digest=digest, output_dir=outputs())
-            assert result.outcome is Outcome.OK and result.stdout == b"ok\n", result
+            assert result.outcome is RunEnd.OK and result.stdout == b"ok\n", result
 
         await once()
         return await measure_async(once, repeat)
@@ -92,7 +92,7 @@ async def podman_job(socket: Path, archive: Path, outputs: Outputs, repeat: int)
             result = await ex.run(
                 f"sha256:{image_id}", command=["echo", "ok"], output_dir=outputs()
             )
-            assert result.outcome is Outcome.OK and result.stdout == b"ok\n", result
+            assert result.outcome is RunEnd.OK and result.stdout == b"ok\n", result
 
         await once()
         return await measure_async(once, repeat)

@@ -15,7 +15,7 @@ import time
 import uuid
 
 import hrw
-from daemon.scheduler import Candidate, CandidateSet
+from daemon.jobs.scheduler import Candidate, CandidateSet
 
 SIZES = (10, 100, 1_000, 10_000)
 GOAL_US_AT_10K = 1000.0

@@ -20,11 +20,11 @@ import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 from wasm_bench import Workspace, big_module, trivial_module
 
-from daemon.executors.module_cache import Level, ModuleCache, load_or_create_secret
-from daemon.executors.result import Outcome
-from daemon.executors.sandbox import Sandbox
-from daemon.executors.wasm import WasmExecutor
-from daemon.executors.worker_pool import PoolSettings
+from daemon.executors.result import RunEnd
+from daemon.executors.wasm.executor import WasmExecutor
+from daemon.executors.wasm.module_cache import Level, ModuleCache, load_or_create_secret
+from daemon.executors.wasm.pool import PoolSettings
+from daemon.executors.wasm.sandbox import Sandbox
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +90,12 @@ def test_trivial_job_through_the_pool(benchmark: BenchmarkFixture, workspace: Wo
     loop.run_until_complete(executor.start())
     try:
 
-        def job() -> Outcome:
+        def job() -> RunEnd:
             run = executor.run(path, digest=digest, output_dir=workspace.output_dir())
             return loop.run_until_complete(run).outcome
 
-        assert job() is Outcome.OK
-        assert benchmark(job) is Outcome.OK
+        assert job() is RunEnd.OK
+        assert benchmark(job) is RunEnd.OK
     finally:
         loop.run_until_complete(executor.close())
         loop.close()

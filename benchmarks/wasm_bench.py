@@ -36,12 +36,12 @@ from pathlib import Path
 
 import wasmtime
 
-from daemon.executors.limits import Limits
-from daemon.executors.module_cache import Level, ModuleCache, load_or_create_secret
-from daemon.executors.result import Outcome
-from daemon.executors.sandbox import RunRequest, Sandbox
-from daemon.executors.wasm import WasmExecutor
-from daemon.executors.worker_pool import PoolSettings
+from daemon.executors.result import RunEnd
+from daemon.executors.wasm.executor import WasmExecutor
+from daemon.executors.wasm.limits import Limits
+from daemon.executors.wasm.module_cache import Level, ModuleCache, load_or_create_secret
+from daemon.executors.wasm.pool import PoolSettings
+from daemon.executors.wasm.sandbox import RunRequest, Sandbox
 
 
 def big_module(functions: int = 1500) -> bytes:
@@ -184,7 +184,7 @@ async def pool_job(ws: Workspace, repeat: int) -> Stats:
 
         async def once() -> None:
             result = await ex.run(path, digest=digest, output_dir=ws.output_dir())
-            assert result.outcome is Outcome.OK
+            assert result.outcome is RunEnd.OK
 
         await once()
         return await measure_async(once, repeat)

@@ -59,7 +59,7 @@ _KEYS = frozenset(
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class Limits:
+class CapabilityLimits:
     """Per-run limits; 0 means the executor's default."""
 
     timeout_ms: int = 0
@@ -80,7 +80,7 @@ class LocalCapability:
     command: tuple[str, ...] = ()
     max_concurrency: int = 1
     resources: Mapping[str, str] = field(default_factory=dict)
-    limits: Limits = field(default_factory=Limits)
+    limits: CapabilityLimits = field(default_factory=CapabilityLimits)
 
     def timeout_ms(self, job_ms: int, *, default_ms: int, ceiling_ms: int) -> int:
         """One attempt's timeout: the job's own, never above this capability's (or,
@@ -153,7 +153,7 @@ def parse_capability(name: str, table: Mapping[str, Any]) -> LocalCapability:
     command = table.get("command", [])
     if not isinstance(command, list) or not all(isinstance(c, str) for c in command):
         raise ConfigError(f"capabilities.{name!r}.command: expected a list of strings")
-    limits = Limits(
+    limits = CapabilityLimits(
         timeout_ms=_int(name, "timeout_ms", table.get("timeout_ms", 0)),
         fuel=_int(name, "fuel", table.get("fuel", 0)),
         memory_mib=_int(name, "memory_mib", table.get("memory_mib", 0)),

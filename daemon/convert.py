@@ -8,7 +8,7 @@ from typing import Any
 from google.protobuf import json_format, timestamp_pb2
 
 from daemon.exceptions import InvalidArgument
-from daemon.jobstate import JobState
+from daemon.jobs.state import JobState
 from daemon.pb.anvil import compute_pb2
 from daemon.registry.models import Capability, Job
 

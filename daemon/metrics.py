@@ -43,7 +43,7 @@ from prometheus_client import (
 
 from daemon import __version__
 from daemon.exceptions import Unavailable
-from daemon.jobstate import JobState
+from daemon.jobs.state import JobState
 from daemon.storage.fabric import Fabric, count_remote_bytes
 from daemon.storage.local_store import LocalSource
 from daemon.storage.source import ObjectReader

@@ -25,18 +25,19 @@ import jwt
 from daemon import __version__, auth
 from daemon.capability_config import LocalCapability
 from daemon.config import Settings
-from daemon.dispatch import PeerLinks
 from daemon.exceptions import AnvilError, ConfigError, NotFound
-from daemon.execution import JobExecutor
-from daemon.membership import MembershipView
+from daemon.executors.result import JobExecutor
+from daemon.jobs.dispatch import PeerLinks
+from daemon.jobs.events import JobEventHub
+from daemon.jobs.peer_view import PeerView
+from daemon.jobs.rescuer import Rescuer
+from daemon.jobs.runner import Runner, RunnerOptions
 from daemon.modules import pin_or_explain
 from daemon.registry import Registry
 from daemon.registry.embedded import EmbeddedPostgres
 from daemon.registry.health import RegistryWatch
 from daemon.registry.listener import JOB_EVENTS, MEMBERSHIP, Listener, peer_channel
 from daemon.registry.models import Capability, CapabilitySpec
-from daemon.rescuer import Rescuer
-from daemon.runner import Runner, RunnerOptions
 from daemon.server import Server, ServerOptions
 from daemon.services.compute import ComputeService, SubmitPolicy
 from daemon.services.peer import PeerService
@@ -48,7 +49,6 @@ from daemon.storage.fabric_service import FabricObjectService
 from daemon.storage.fetcher import Fetcher, pin
 from daemon.storage.local_store import LocalStore
 from daemon.storage.rebalance import Rebalancer
-from daemon.watch import JobEventHub
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class Node:
         hub = JobEventHub(listener)
         await hub.start()
         self._cleanup.append(hub.close)
-        view = MembershipView(registry, listener, refresh_s=max(s.peer_ttl_s / 3, 0.2))
+        view = PeerView(registry, listener, refresh_s=max(s.peer_ttl_s / 3, 0.2))
         self._cleanup.append(view.close)
 
         store = LocalStore(s.data_dir, max_bytes=s.max_store_bytes)

@@ -34,8 +34,8 @@ from daemon.client import ComputeClient
 from daemon.commands.jobs import state_name
 from daemon.commands.serve import build_executors
 from daemon.exceptions import Unavailable
-from daemon.executors import example_image
-from daemon.executors.podman_service import PodmanService
+from daemon.executors.podman import example_image
+from daemon.executors.podman.service import PodmanService
 from daemon.node import Node
 from daemon.pb.anvil import compute_pb2
 

@@ -16,7 +16,7 @@ from daemon import config
 from daemon.client import INPUT_BUCKET, ComputeClient, find_token
 from daemon.convert import PROTO_TO_JOB_STATE
 from daemon.exceptions import AnvilError, ErrorCode, InvalidArgument
-from daemon.jobstate import JobState
+from daemon.jobs.state import JobState
 from daemon.pb.anvil import compute_pb2
 from daemon.status import error_code
 

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from daemon.exceptions import InvalidArgument
-from daemon.executors.limits import Limits
-from daemon.executors.result import ExecutionResult, Outcome
-from daemon.executors.wasm import WasmExecutor
-from daemon.executors.worker_pool import PoolSettings
+from daemon.executors.result import ExecutionResult, RunEnd
+from daemon.executors.wasm.executor import WasmExecutor
+from daemon.executors.wasm.limits import Limits
+from daemon.executors.wasm.pool import PoolSettings
 
 EXIT_TIMED_OUT = 124
 EXIT_FAILED = 125
@@ -130,8 +130,8 @@ def exit_status(result: ExecutionResult) -> int:
     if result.succeeded:
         return 0
     print(f"anvil-compute run: {result.outcome.value}: {result.message}", file=sys.stderr)
-    if result.outcome is Outcome.NONZERO_EXIT and result.exit_code:
+    if result.outcome is RunEnd.NONZERO_EXIT and result.exit_code:
         return result.exit_code
-    if result.outcome is Outcome.TIMED_OUT:
+    if result.outcome is RunEnd.TIMED_OUT:
         return EXIT_TIMED_OUT
     return EXIT_FAILED

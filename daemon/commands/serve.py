@@ -21,7 +21,7 @@ from typing import Any
 from daemon import config, logs, metrics
 from daemon.config import Settings
 from daemon.exceptions import AnvilError
-from daemon.execution import JobExecutor
+from daemon.executors.result import JobExecutor
 from daemon.node import Node
 from daemon.storage.fetcher import Fetcher
 from daemon.systemd import Notifier
@@ -54,12 +54,12 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 async def build_executors(settings: Settings, fetcher: Fetcher) -> Mapping[str, JobExecutor]:
     """The executors this peer can use, by capability kind."""
-    from daemon.executors.job_executor import WasmJobExecutor
+    from daemon.executors.wasm.job import WasmJobExecutor
 
     wasm = await WasmJobExecutor.create(settings)
     executors: dict[str, JobExecutor] = {"wasm": wasm}
     if any(cap.kind == "podman" for cap in settings.capabilities):
-        from daemon.executors.podman_job import PodmanJobExecutor
+        from daemon.executors.podman.job import PodmanJobExecutor
 
         try:
             executors["podman"] = await PodmanJobExecutor.create(settings, fetcher=fetcher)

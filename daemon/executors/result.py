@@ -1,17 +1,23 @@
-"""What one sandboxed run ended with: a typed, executor-neutral result.
+"""What the runner hands an executor, and what one sandboxed run ended with.
 
-Shared by every executor (wasmtime today, Podman later): the daemon maps an
-`Outcome` to a job state and shows `message` to the submitter as is.
+Shared by every executor (wasmtime, Podman): `ExecutionRequest` in,
+`ExecutionResult` out. `ending` is the one place that turns a run's end (its
+`RunEnd`, message and stderr) into the job state and the error a user reads.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
+
+from daemon.capability_config import LocalCapability
+from daemon.jobs.state import JobState
 
 
-class Outcome(enum.Enum):
+class RunEnd(enum.Enum):
     """Why a run ended. Only `OK` is a success."""
 
     OK = "ok"
@@ -24,6 +30,8 @@ class Outcome(enum.Enum):
     INVALID_MODULE = "invalid_module"
     # The sandbox itself failed (worker process died unexpectedly): not the guest's doing.
     CRASHED = "crashed"
+    # The executor would not run it (bad request, image missing, limits not applied).
+    REFUSED = "refused"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -39,7 +47,7 @@ class OutputFile:
 class ExecutionResult:
     """One run's end: outcome, a message a guest author can act on, and what it produced."""
 
-    outcome: Outcome
+    outcome: RunEnd
     message: str
     exit_code: int | None = None
     trap_code: str | None = None  # e.g. "stack_overflow", "unreachable" (TRAPPED only)
@@ -51,7 +59,7 @@ class ExecutionResult:
 
     @property
     def succeeded(self) -> bool:
-        return self.outcome is Outcome.OK
+        return self.outcome is RunEnd.OK
 
     def with_capture(
         self,
@@ -75,12 +83,12 @@ class ExecutionResult:
 
 
 def ok() -> ExecutionResult:
-    return ExecutionResult(outcome=Outcome.OK, message="ok", exit_code=0)
+    return ExecutionResult(outcome=RunEnd.OK, message="ok", exit_code=0)
 
 
 def nonzero_exit(code: int) -> ExecutionResult:
     return ExecutionResult(
-        outcome=Outcome.NONZERO_EXIT,
+        outcome=RunEnd.NONZERO_EXIT,
         message=f"guest exited with code {code}",
         exit_code=code,
     )
@@ -89,7 +97,7 @@ def nonzero_exit(code: int) -> ExecutionResult:
 def trapped(trap_code: str | None, reason: str) -> ExecutionResult:
     label = trap_code or "host error"
     return ExecutionResult(
-        outcome=Outcome.TRAPPED,
+        outcome=RunEnd.TRAPPED,
         message=f"guest trapped ({label}): {reason}",
         trap_code=trap_code,
     )
@@ -97,7 +105,7 @@ def trapped(trap_code: str | None, reason: str) -> ExecutionResult:
 
 def out_of_fuel(fuel: int) -> ExecutionResult:
     return ExecutionResult(
-        outcome=Outcome.OUT_OF_FUEL,
+        outcome=RunEnd.OUT_OF_FUEL,
         message=f"guest ran out of fuel (limit {fuel:,} units)",
     )
 
@@ -112,21 +120,21 @@ def timed_out(timeout_s: float, *, killed: bool = False, how: str | None = None)
             else "interrupted at its wall-clock deadline"
         )
     return ExecutionResult(
-        outcome=Outcome.TIMED_OUT,
+        outcome=RunEnd.TIMED_OUT,
         message=f"guest timed out after {timeout_s:g} s: {how}",
     )
 
 
 def memory_limit(limit_bytes: int, detail: str) -> ExecutionResult:
     return ExecutionResult(
-        outcome=Outcome.MEMORY_LIMIT,
+        outcome=RunEnd.MEMORY_LIMIT,
         message=f"guest hit its memory limit of {_mib(limit_bytes)}: {detail}",
     )
 
 
 def output_too_large(detail: str) -> ExecutionResult:
     return ExecutionResult(
-        outcome=Outcome.OUTPUT_TOO_LARGE,
+        outcome=RunEnd.OUTPUT_TOO_LARGE,
         message=f"guest output too large: {detail}; the job fails rather than keep a "
         "truncated result",
     )
@@ -156,14 +164,18 @@ def output_names_exceeded(limit_files: int, folders: int) -> ExecutionResult:
 
 def invalid_module(reason: str) -> ExecutionResult:
     return ExecutionResult(
-        outcome=Outcome.INVALID_MODULE,
+        outcome=RunEnd.INVALID_MODULE,
         message=f"invalid module: {reason}",
     )
 
 
+def refused(reason: str) -> ExecutionResult:
+    return ExecutionResult(outcome=RunEnd.REFUSED, message=reason)
+
+
 def crashed(reason: str) -> ExecutionResult:
     return ExecutionResult(
-        outcome=Outcome.CRASHED,
+        outcome=RunEnd.CRASHED,
         message=f"sandbox failed: {reason}",
     )
 
@@ -181,3 +193,67 @@ def size_text(n: int) -> str:
     if n >= 1 << 20:
         return _mib(n)
     return f"{n} bytes"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ExecutionRequest:
+    """One attempt of a job, as the runner hands it to an executor."""
+
+    job_id: str
+    capability: LocalCapability
+    # WASM: the module file (fetched and verified); Podman: unused.
+    module_path: Path | None
+    # Fetched, verified input files in the job's order (input 0 is also stdin).
+    inputs: tuple[Path, ...]
+    params: dict[str, str]
+    # Empty, writable: every file the guest leaves here becomes an output object.
+    output_dir: Path
+    timeout_s: float
+
+
+class JobExecutor(Protocol):
+    @property
+    def capacity(self) -> int | None:
+        """Guests it runs at once (None: no bound of its own); the runner claims no more."""
+        ...
+
+    async def execute(self, request: ExecutionRequest) -> ExecutionResult:
+        """Run one attempt under its limits; a refusal is a REFUSED result.
+
+        Raises Unavailable only for what is worth handing the job back for
+        (Podman or storage unreachable). Cancelling the call kills the guest.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Stop the executor's workers (the node calls it last on shutdown)."""
+        ...
+
+
+MAX_GUEST_MESSAGE = 2000
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def ending(result: ExecutionResult) -> tuple[JobState, str]:
+    """The job state and the error a submitter sees for a run's end: the one place
+    that words it.
+
+    A guest that exits non-zero explains itself on stderr (guest_modules/GUIDE.md):
+    that text is the error. Any other failure is explained by the sandbox, followed
+    by what the guest last said.
+    """
+    if result.succeeded:
+        return JobState.SUCCEEDED, ""
+    state = JobState.TIMED_OUT if result.outcome is RunEnd.TIMED_OUT else JobState.FAILED
+    said = guest_words(result.stderr)
+    if result.outcome is RunEnd.NONZERO_EXIT and said:
+        return state, said
+    return state, f"{result.message}: {said}" if said else result.message
+
+
+def guest_words(stderr: bytes) -> str:
+    """The tail of what a guest wrote to stderr, fit to show and store: its last
+    MAX_GUEST_MESSAGE characters, control characters escaped (a NUL cannot be
+    stored, and a terminal escape must not reach an operator's screen)."""
+    text = stderr.decode("utf-8", "replace").strip()[-MAX_GUEST_MESSAGE:]
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)

@@ -27,11 +27,11 @@ from daemon.exceptions import (
     RegistryUnavailable,
     StaleAttempt,
 )
-from daemon.jobstate import FINISH_STATES, JobState
+from daemon.jobs.state import FINISH_STATES, JobState
 from daemon.registry import queries
 from daemon.registry.batcher import Batcher, Failed
 from daemon.registry.driver import Pool, translate_errors
-from daemon.registry.models import Job, JobEvent, JobSpec, Outcome, SubmitResult
+from daemon.registry.models import AttemptResult, Job, JobEvent, JobSpec, SubmitResult
 
 MAX_INLINE_OUTPUT = 4 * 1024 * 1024
 MIN_LEASE = timedelta(milliseconds=100)
@@ -64,7 +64,7 @@ class _Finish:
     job_id: uuid.UUID
     peer_id: uuid.UUID
     attempt: int
-    outcome: Outcome
+    outcome: AttemptResult
 
 
 class JobStore:
@@ -232,7 +232,7 @@ class JobStore:
         return {row["job_id"] for row in rows}
 
     async def finish(
-        self, job_id: uuid.UUID, *, peer_id: uuid.UUID, attempt: int, outcome: Outcome
+        self, job_id: uuid.UUID, *, peer_id: uuid.UUID, attempt: int, outcome: AttemptResult
     ) -> Job:
         """Write the attempt's terminal state. The first terminal write wins.
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from daemon import resources as resources_mod
 from daemon.exceptions import InvalidArgument
-from daemon.jobstate import JobState
+from daemon.jobs.state import JobState
 
 # Capability names: lowercase words joined by ':' (`text:wordcount`,
 # `video:transcode:h264`); also '-', '_', '.' inside a word.
@@ -315,7 +315,7 @@ class SubmitResult:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class Outcome:
+class AttemptResult:
     """How an attempt ended, as the running peer reports it."""
 
     state: JobState

@@ -19,8 +19,10 @@ from daemon.exceptions import (
     InvalidArgument,
     NoCapablePeer,
 )
-from daemon.executors.podman import check_image_ref
-from daemon.membership import MembershipView
+from daemon.executors.podman.executor import check_image_ref
+from daemon.jobs.events import JobEventHub
+from daemon.jobs.peer_view import PeerView
+from daemon.jobs.scheduler import locality_key
 from daemon.modules import Resolver, pin_module
 from daemon.pb.anvil import compute_pb2, compute_pb2_grpc
 from daemon.registry import Registry
@@ -31,9 +33,7 @@ from daemon.registry.models import (
     JobSpec,
     parse_uuid,
 )
-from daemon.scheduler import locality_key
 from daemon.storage.refs import parse_ref
-from daemon.watch import JobEventHub
 
 Context = aio.ServicerContext[Any, Any]
 # A watch re-reads its job at least this often, in case a notification was lost.
@@ -55,7 +55,7 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
         self,
         *,
         registry: Registry,
-        view: MembershipView,
+        view: PeerView,
         hub: JobEventHub,
         dispatch: Callable[[uuid.UUID, str, uuid.UUID], None],
         policy: SubmitPolicy,

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from daemon.access import RESULTS_BUCKET, result_job_id
-from daemon.jobstate import JobState
+from daemon.jobs.state import JobState
 from daemon.storage.local_store import LocalStore
 from daemon.storage.refs import parse_ref
 

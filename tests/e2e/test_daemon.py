@@ -17,7 +17,7 @@ from grpc import aio
 
 from daemon.convert import PROTO_TO_JOB_STATE
 from daemon.exceptions import ResourceExhausted
-from daemon.jobstate import JobState
+from daemon.jobs.state import JobState
 from daemon.pb.anvil import compute_pb2
 from tests.e2e.cluster import Peer, PeerFactory
 from tests.e2e.guests import REPO, guests_config

@@ -17,7 +17,7 @@ import pytest
 
 import hrw
 from daemon.convert import PROTO_TO_JOB_STATE
-from daemon.jobstate import JobState
+from daemon.jobs.state import JobState
 from daemon.pb.anvil import compute_pb2
 from daemon.storage.refs import parse_ref
 from tests.e2e.cluster import Peer, PeerFactory
@@ -98,7 +98,7 @@ async def test_three_peers_run_3000_jobs_once_each_where_hrw_says(
 async def test_kill_9_of_a_peer_loses_no_job(
     peers: PeerFactory, tmp_path: Path, database_url: str
 ) -> None:
-    # A peer claims a job only with a worker free for it (daemon/slots.py): the
+    # A peer claims a job only with a worker free for it (daemon/jobs/slots.py): the
     # victim runs 15 naps at once (16 workers, one kept for other capabilities)
     # and holds the rest of its share queued.
     cluster = await start_peers(

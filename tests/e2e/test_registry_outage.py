@@ -13,7 +13,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from daemon.convert import PROTO_TO_JOB_STATE
-from daemon.jobstate import JobState
+from daemon.jobs.state import JobState
 from tests.e2e.cluster import Peer, PeerFactory
 from tests.e2e.guests import examples_config
 from tests.eventually import eventually

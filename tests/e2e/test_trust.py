@@ -26,7 +26,7 @@ from daemon import auth
 from daemon.client import ComputeClient
 from daemon.convert import PROTO_TO_JOB_STATE
 from daemon.exceptions import ObjectNotFound, PermissionDenied
-from daemon.jobstate import JobState
+from daemon.jobs.state import JobState
 from daemon.pb.anvil import compute_pb2
 from daemon.storage.anvil_client import AnvilClient
 from daemon.storage.refs import parse_ref

@@ -15,8 +15,8 @@ from pathlib import Path
 import podman
 import pytest
 
-from daemon.executors.podman import LABEL_OWNER, PodmanExecutor
-from daemon.executors.podman_service import PodmanService
+from daemon.executors.podman.executor import LABEL_OWNER, PodmanExecutor
+from daemon.executors.podman.service import PodmanService
 from tests.integration.containers import OWNER, TEXT
 
 REPO = Path(__file__).resolve().parents[2]

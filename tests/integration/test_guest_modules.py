@@ -35,9 +35,9 @@ import pytest
 import pytest_asyncio
 import wasmtime
 
-from daemon.executors.result import ExecutionResult, Outcome
-from daemon.executors.wasm import WasmExecutor
-from daemon.executors.worker_pool import PoolSettings
+from daemon.executors.result import ExecutionResult, RunEnd
+from daemon.executors.wasm.executor import WasmExecutor
+from daemon.executors.wasm.pool import PoolSettings
 
 REPO = Path(__file__).resolve().parents[2]
 GUEST = REPO / "guest_modules"
@@ -53,7 +53,7 @@ def module_path(capability: str) -> Path:
 
 @dataclass(frozen=True, kw_only=True)
 class GuestRun:
-    outcome: Outcome
+    outcome: RunEnd
     message: str
     exit_code: int | None
     stdout: bytes
@@ -72,12 +72,12 @@ class GuestRun:
         )
 
     def json(self) -> object:
-        assert self.outcome is Outcome.OK, (self.message, self.stderr.decode(errors="replace"))
+        assert self.outcome is RunEnd.OK, (self.message, self.stderr.decode(errors="replace"))
         return json.loads(self.stdout)
 
     def error(self) -> str:
         """The guest's stderr, after checking it failed the documented way (exit 1)."""
-        assert self.outcome is Outcome.NONZERO_EXIT, (self.message, self.stdout[:200])
+        assert self.outcome is RunEnd.NONZERO_EXIT, (self.message, self.stdout[:200])
         assert self.exit_code == 1
         assert self.stdout == b""
         return self.stderr.decode()

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.convert import PROTO_TO_JOB_STATE
-from daemon.jobstate import JobState
+from daemon.jobs.state import JobState
 from tests.e2e.cluster import Peer, PeerFactory, free_port
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

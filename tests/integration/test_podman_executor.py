@@ -25,9 +25,8 @@ from daemon import config
 from daemon.capability_config import parse_capability
 from daemon.convert import PROTO_TO_JOB_STATE
 from daemon.exceptions import ConfigError, FailedPrecondition, InvalidArgument
-from daemon.execution import ExecutionRequest
-from daemon.executors import example_image
-from daemon.executors.podman import (
+from daemon.executors.podman import example_image
+from daemon.executors.podman.executor import (
     LABEL_JOB,
     LABEL_OWNER,
     ContainerLimits,
@@ -39,10 +38,10 @@ from daemon.executors.podman import (
     limits_not_applied,
     socket_path,
 )
-from daemon.executors.podman_job import PodmanJobExecutor, job_limits
-from daemon.executors.podman_service import PodmanService
-from daemon.executors.result import Outcome
-from daemon.jobstate import JobState
+from daemon.executors.podman.job import PodmanJobExecutor, job_limits
+from daemon.executors.podman.service import PodmanService
+from daemon.executors.result import ExecutionRequest, RunEnd
+from daemon.jobs.state import JobState
 from daemon.resources import satisfies
 from daemon.storage.cache import DiskCache
 from daemon.storage.fetcher import Fetcher
@@ -185,7 +184,7 @@ async def test_guest_abi(
         inputs=(text_file, second),
         params={"group_by": "city", "x-y": "a b"},
     )
-    assert result.outcome is Outcome.OK, (result.message, result.stderr)
+    assert result.outcome is RunEnd.OK, (result.message, result.stderr)
     lines = result.stdout.decode().splitlines()
     assert lines == ["argv: --group_by=city --x-y=a b", "env: city a b", "stdin: 9", "8"]
     outputs = {f.name: f.path.read_bytes() for f in result.outputs}
@@ -198,7 +197,7 @@ async def test_failure_is_exit_code_and_stderr(
     result = await sh(
         executor, busybox_image, "echo partial; echo 'line 7: bad' >&2; exit 3", tmp_path
     )
-    assert result.outcome is Outcome.NONZERO_EXIT and result.exit_code == 3
+    assert result.outcome is RunEnd.NONZERO_EXIT and result.exit_code == 3
     assert (result.stdout, result.stderr) == (b"partial\n", b"line 7: bad\n")
 
 
@@ -208,7 +207,7 @@ async def test_stdout_over_the_cap_fails_the_job(
     limits = ContainerLimits(stdout_bytes=64 * 1024)
     started = time.monotonic()
     result = await sh(executor, busybox_image, "yes", tmp_path, limits=limits)
-    assert result.outcome is Outcome.OUTPUT_TOO_LARGE
+    assert result.outcome is RunEnd.OUTPUT_TOO_LARGE
     assert "more than 64 KiB written to stdout" in result.message
     assert len(result.stdout) == 64 * 1024
     assert time.monotonic() - started < 10
@@ -236,7 +235,7 @@ async def test_kernel_limits_and_hardening_inside_the_container(
     """
     limits = ContainerLimits(cpu_millis=250, memory_bytes=48 << 20, pids=20)
     result = await sh(executor, busybox_image, script, tmp_path, limits=limits)
-    assert result.outcome is Outcome.OK, result.stderr
+    assert result.outcome is RunEnd.OK, result.stderr
     facts = dict(line.split(None, 1) for line in result.stdout.decode().splitlines())
     assert facts["cpu"] == "25000 100000"
     memory, memsw = facts["memory"].split()
@@ -404,7 +403,7 @@ async def test_fork_bomb_is_held_by_the_pids_limit(
     """
     limits = ContainerLimits(pids=24, timeout_s=60)
     result = await sh(executor, busybox_image, script, tmp_path, limits=limits)
-    assert result.outcome is Outcome.OK, (result.message, result.stderr[-500:])
+    assert result.outcome is RunEnd.OK, (result.message, result.stderr[-500:])
     facts = dict(line.split() for line in result.stdout.decode().splitlines())
     # Forks past the limit are refused. The kernel's count may still exceed it by a
     # task moved into the cgroup rather than forked there (the runtime's own
@@ -477,7 +476,7 @@ async def test_network_egress_is_impossible(
         finally:
             stop.set()
             thread.join()
-    assert result.outcome is Outcome.OK, result.stderr
+    assert result.outcome is RunEnd.OK, result.stderr
     assert result.stdout.decode().split() == ["lo"]  # no interface but loopback
     assert b"CONNECTED" not in result.stdout
     assert b"unreachable" in result.stderr.lower() or b"refused" in result.stderr.lower()
@@ -509,7 +508,7 @@ async def test_writes_to_rootfs_and_input_are_refused(
     exit 0
     """
     result = await sh(executor, busybox_image, script, tmp_path, inputs=(text_file,))
-    assert result.outcome is Outcome.OK, result.stderr
+    assert result.outcome is RunEnd.OK, result.stderr
     assert result.stdout == b"", result.stdout
     assert result.stderr.count(b"Read-only file system") >= 7, result.stderr
     assert await asyncio.to_thread(text_file.read_text) == TEXT
@@ -528,7 +527,7 @@ async def test_sleep_past_the_deadline_is_killed_and_removed(
         limits=ContainerLimits(timeout_s=1),
     )
     elapsed = time.monotonic() - started
-    assert result.outcome is Outcome.TIMED_OUT, result.message
+    assert result.outcome is RunEnd.TIMED_OUT, result.message
     assert result.message == (
         "guest timed out after 1 s: the container was killed at its wall-clock deadline"
     )

@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +31,12 @@ import pytest
 
 from daemon import config
 from daemon.capability_config import parse_capability
-from daemon.execution import ExecutionOutcome, ExecutionRequest
-from daemon.executors import example_image
-from daemon.executors.podman import ContainerLimits, PodmanExecutor
-from daemon.executors.podman_job import PodmanJobExecutor
-from daemon.executors.podman_service import PodmanService
-from daemon.executors.result import ExecutionResult, Outcome
-from daemon.jobstate import JobState
+from daemon.executors.podman import example_image
+from daemon.executors.podman.executor import ContainerLimits, PodmanExecutor
+from daemon.executors.podman.job import PodmanJobExecutor
+from daemon.executors.podman.service import PodmanService
+from daemon.executors.result import ExecutionRequest, ExecutionResult, RunEnd, ending
+from daemon.jobs.state import JobState
 from tests.integration.containers import OWNER, TEXT
 
 pytestmark = pytest.mark.podman
@@ -138,11 +138,25 @@ async def sh(
     )
 
 
+@dataclass(frozen=True)
+class JobEnd:
+    """What the runner makes of a run: its job state, error and output files."""
+
+    state: JobState
+    error: str
+    output_files: tuple[Path, ...]
+
+    @classmethod
+    def of(cls, result: ExecutionResult) -> JobEnd:
+        state, error = ending(result)
+        return cls(state, error, tuple(f.path for f in result.outputs))
+
+
 async def run_job(
     podman_socket: Path, image: str, script: str, tmp_path: Path, **settings: Any
-) -> tuple[ExecutionOutcome, Path]:
+) -> tuple[JobEnd, Path]:
     """`sh -c script` as a job of the runner's executor, built from settings as `serve` builds
-    it; (outcome, the job's output folder)."""
+    it; (how the job ends, the job's output folder)."""
     job = await PodmanJobExecutor.create(
         config.load(
             environ={},
@@ -170,7 +184,7 @@ async def run_job(
         assert await job.executor.containers() == []
     finally:
         await job.close()
-    return outcome, output_dir
+    return JobEnd.of(outcome), output_dir
 
 
 def mounts_inside(stdout: bytes) -> dict[str, set[str]]:
@@ -205,7 +219,7 @@ async def test_the_guest_is_an_unprivileged_user_mapped_to_no_host_user(
     grep -E '^(CapEff|CapPrm|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status | tr -d '\t' | tr : ' '
     """
     result = await sh(executor, busybox_image, script, tmp_path)
-    assert result.outcome is Outcome.OK, result.stderr
+    assert result.outcome is RunEnd.OK, result.stderr
     facts = dict(line.split(None, 1) for line in result.stdout.decode().splitlines())
     assert facts["uid"] == "65534 65534"
     # Container 0..65535 are host 524288..: the guest is host uid 589822, root is 524288.
@@ -226,7 +240,7 @@ async def test_a_setuid_binary_left_in_output_is_inert_on_the_host(
     exit 0
     """
     result = await sh(executor, busybox_image, script, tmp_path, inputs=(text_file,))
-    assert result.outcome is Outcome.OK, result.stderr
+    assert result.outcome is RunEnd.OK, result.stderr
     stdout = result.stdout.decode()
     assert stdout.startswith("-rwsr-sr-x"), stdout  # the guest did set the bits, inside
     for did in ("RAN-FROM-OUTPUT", "RAN-FROM-TMP", "MADE-A-DEVICE"):
@@ -259,7 +273,7 @@ async def test_namespaces_mount_keyctl_and_ptrace_are_refused(
     probe
     """
     result = await sh(executor, probe_image, script, tmp_path)
-    assert result.outcome is Outcome.OK, result.stderr
+    assert result.outcome is RunEnd.OK, result.stderr
     lines = result.stdout.decode().splitlines()
     assert not [line for line in lines if " " not in line], lines  # none of the shell's got through
     probe = {name: int(value) for name, value in (line.split() for line in lines)}
@@ -322,7 +336,7 @@ async def test_a_sparse_file_does_not_pass_for_small(
     result = await sh(
         executor, busybox_image, "truncate -s 100G /output/sparse", tmp_path, limits=limits
     )
-    assert result.outcome is Outcome.OUTPUT_TOO_LARGE, result.message
+    assert result.outcome is RunEnd.OUTPUT_TOO_LARGE, result.message
     assert "over the limit of 1 MiB" in result.message
     assert result.outputs == ()
     assert time.monotonic() - started < 10
@@ -360,7 +374,7 @@ async def test_tmp_is_writable_and_bounded(
     result = await sh(
         executor, busybox_image, script, tmp_path, limits=ContainerLimits(tmp_bytes=8 * MIB)
     )
-    assert result.outcome is Outcome.OK, result.stderr
+    assert result.outcome is RunEnd.OK, result.stderr
     assert result.stdout.decode().split("\n")[:2] == ["WROTE-4-MIB", "No space left on device"]
     assert result.outputs == ()  # /tmp is no output
 
@@ -373,7 +387,7 @@ async def test_exit_137_is_a_plain_nonzero_exit(
 ) -> None:
     for script in ("exit 137", "kill -9 $$"):
         result = await sh(executor, busybox_image, script, tmp_path)
-        assert (result.outcome, result.exit_code) == (Outcome.NONZERO_EXIT, 137), script
+        assert (result.outcome, result.exit_code) == (RunEnd.NONZERO_EXIT, 137), script
         assert result.message == "guest exited with code 137"
 
 
@@ -384,7 +398,7 @@ async def test_a_real_oom_is_reported_as_the_memory_limit(
     limits = ContainerLimits(memory_bytes=32 * MIB, output_bytes=MIB, tmp_bytes=MIB)
     script = "x=$(head -c 300000000 /dev/zero | tr '\\0' a); echo ${#x}"
     result = await sh(executor, busybox_image, script, tmp_path, limits=limits)
-    assert result.outcome is Outcome.MEMORY_LIMIT, (result.message, result.stderr)
+    assert result.outcome is RunEnd.MEMORY_LIMIT, (result.message, result.stderr)
     assert result.message.startswith("guest hit its memory limit of 32 MiB: the kernel's OOM")
 
 
@@ -393,7 +407,7 @@ async def test_a_cpu_bound_timeout_says_the_container_was_killed(
 ) -> None:
     limits = ContainerLimits(timeout_s=1)
     result = await sh(executor, busybox_image, "while :; do :; done", tmp_path, limits=limits)
-    assert result.outcome is Outcome.TIMED_OUT
+    assert result.outcome is RunEnd.TIMED_OUT
     assert result.message == (
         "guest timed out after 1 s: the container was killed at its wall-clock deadline"
     )
@@ -440,7 +454,7 @@ import asyncio, json, os, stat, sys
 from pathlib import Path
 
 os.umask(0o027)  # the shipped unit's UMask=
-from daemon.executors.podman import PodmanExecutor
+from daemon.executors.podman.executor import PodmanExecutor
 
 async def main(socket, image):
     data = Path.cwd() / "data"

@@ -17,10 +17,10 @@ from daemon.exceptions import (
     JobNotFound,
     StaleAttempt,
 )
-from daemon.jobstate import JobState
+from daemon.jobs.state import JobState
 from daemon.registry import Registry
 from daemon.registry.driver import translate_errors
-from daemon.registry.models import Job, JobSpec, Outcome
+from daemon.registry.models import AttemptResult, Job, JobSpec
 
 LEASE = timedelta(seconds=30)
 SHORT_LEASE = timedelta(milliseconds=100)
@@ -116,8 +116,8 @@ async def test_first_terminal_write_wins(registry: Registry) -> None:
     claimed = await registry.jobs.claim(job.job_id, peer, lease=LEASE)
     assert claimed is not None
     outcomes = [
-        Outcome(state=JobState.SUCCEEDED, output=b"first"),
-        Outcome(state=JobState.FAILED, error="second"),
+        AttemptResult(state=JobState.SUCCEEDED, output=b"first"),
+        AttemptResult(state=JobState.FAILED, error="second"),
     ]
     results = await asyncio.gather(
         *(registry.jobs.finish(job.job_id, peer_id=peer, attempt=1, outcome=o) for o in outcomes),
@@ -140,7 +140,7 @@ async def test_completion_before_rescue_is_never_overwritten(registry: Registry)
     (stale,) = await registry.jobs.find_expired()
     assert stale.job_id == job.job_id and stale.attempt == 1
     done = await registry.jobs.finish(
-        job.job_id, peer_id=peer, attempt=1, outcome=Outcome(state=JobState.SUCCEEDED)
+        job.job_id, peer_id=peer, attempt=1, outcome=AttemptResult(state=JobState.SUCCEEDED)
     )
     assert done.state is JobState.SUCCEEDED
     rescued = await registry.jobs.rescue(
@@ -169,10 +169,10 @@ async def test_rescued_job_runs_again_and_the_late_result_is_refused(registry: R
     assert second is not None and second.attempt == 2
     with pytest.raises(StaleAttempt, match="no longer owns it"):
         await registry.jobs.finish(
-            job.job_id, peer_id=old_peer, attempt=1, outcome=Outcome(state=JobState.SUCCEEDED)
+            job.job_id, peer_id=old_peer, attempt=1, outcome=AttemptResult(state=JobState.SUCCEEDED)
         )
     done = await registry.jobs.finish(
-        job.job_id, peer_id=new_peer, attempt=2, outcome=Outcome(state=JobState.SUCCEEDED)
+        job.job_id, peer_id=new_peer, attempt=2, outcome=AttemptResult(state=JobState.SUCCEEDED)
     )
     assert done.attempt == 2 and done.peer_id == new_peer
     events = [(e.from_state, e.to_state, e.attempt) for e in await registry.jobs.events(job.job_id)]
@@ -200,7 +200,7 @@ async def test_rescues_racing_completions_never_lose_or_double_a_result(
     async def complete(job: Job) -> bool:
         try:
             await registry.jobs.finish(
-                job.job_id, peer_id=peer, attempt=1, outcome=Outcome(state=JobState.SUCCEEDED)
+                job.job_id, peer_id=peer, attempt=1, outcome=AttemptResult(state=JobState.SUCCEEDED)
             )
         except StaleAttempt:
             return False
@@ -264,7 +264,7 @@ async def test_cancel_queued_and_running_and_refuse_terminal(registry: Registry)
     assert await registry.jobs.renew_leases(peer, [(running.job_id, 1)], lease=LEASE) == set()
     with pytest.raises(JobAlreadyFinished):
         await registry.jobs.finish(
-            running.job_id, peer_id=peer, attempt=1, outcome=Outcome(state=JobState.SUCCEEDED)
+            running.job_id, peer_id=peer, attempt=1, outcome=AttemptResult(state=JobState.SUCCEEDED)
         )
     with pytest.raises(JobAlreadyFinished):
         await registry.jobs.cancel(running.job_id)
@@ -307,7 +307,7 @@ async def test_a_drain_hand_back_does_not_use_up_an_attempt(registry: Registry) 
     last = await registry.jobs.claim(once.job_id, peer, lease=LEASE)
     assert last is not None and last.attempt == 4
     done = await registry.jobs.finish(
-        once.job_id, peer_id=peer, attempt=4, outcome=Outcome(state=JobState.SUCCEEDED)
+        once.job_id, peer_id=peer, attempt=4, outcome=AttemptResult(state=JobState.SUCCEEDED)
     )
     assert done.state is JobState.SUCCEEDED
 
@@ -341,7 +341,10 @@ async def test_unknown_job_and_bad_input_raise_typed_errors(registry: Registry) 
         await registry.jobs.cancel(missing)
     with pytest.raises(JobNotFound):
         await registry.jobs.finish(
-            missing, peer_id=uuid.uuid4(), attempt=1, outcome=Outcome(state=JobState.SUCCEEDED)
+            missing,
+            peer_id=uuid.uuid4(),
+            attempt=1,
+            outcome=AttemptResult(state=JobState.SUCCEEDED),
         )
     with pytest.raises(InvalidArgument, match="capability must not be empty"):
         spec(capability="")
@@ -354,7 +357,7 @@ async def test_unknown_job_and_bad_input_raise_typed_errors(registry: Registry) 
     await registry.jobs.claim(job.job_id, peer, lease=LEASE)
     with pytest.raises(InvalidArgument, match="an attempt ends in one of"):
         await registry.jobs.finish(
-            job.job_id, peer_id=peer, attempt=1, outcome=Outcome(state=JobState.QUEUED)
+            job.job_id, peer_id=peer, attempt=1, outcome=AttemptResult(state=JobState.QUEUED)
         )
     with pytest.raises(InvalidArgument, match="lease"):
         await registry.jobs.claim_next(peer, lease=timedelta(0))
@@ -472,7 +475,9 @@ async def test_a_burst_of_results_is_one_commit_and_a_stale_one_is_refused(
                 job.job_id,
                 peer_id=peer,
                 attempt=attempt,
-                outcome=Outcome(state=JobState.SUCCEEDED, output=job.job_id.bytes, exit_code=0),
+                outcome=AttemptResult(
+                    state=JobState.SUCCEEDED, output=job.job_id.bytes, exit_code=0
+                ),
             )
         except StaleAttempt as exc:
             return exc
@@ -517,7 +522,7 @@ async def test_prune_deletes_only_jobs_finished_before_the_retention(
     claimed = await registry.jobs.claim_next(peer, lease=LEASE, limit=4)
     for job in claimed[:3]:
         await registry.jobs.finish(
-            job.job_id, peer_id=peer, attempt=1, outcome=Outcome(state=JobState.SUCCEEDED)
+            job.job_id, peer_id=peer, attempt=1, outcome=AttemptResult(state=JobState.SUCCEEDED)
         )
     queued = [j for j in jobs if j.job_id not in {c.job_id for c in claimed}]
     cancelled = await registry.jobs.cancel(queued[0].job_id, reason="no")

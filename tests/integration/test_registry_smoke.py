@@ -1,9 +1,9 @@
 import uuid
 from datetime import timedelta
 
-from daemon.jobstate import JobState
+from daemon.jobs.state import JobState
 from daemon.registry import Registry
-from daemon.registry.models import JobSpec, Outcome
+from daemon.registry.models import AttemptResult, JobSpec
 
 
 async def test_submit_claim_finish_round_trip(registry: Registry) -> None:
@@ -15,6 +15,9 @@ async def test_submit_claim_finish_round_trip(registry: Registry) -> None:
     job = await registry.jobs.claim(result.job.job_id, peer, lease=timedelta(seconds=5))
     assert job is not None and job.attempt == 1
     done = await registry.jobs.finish(
-        job.job_id, peer_id=peer, attempt=1, outcome=Outcome(state=JobState.SUCCEEDED, output=b"x")
+        job.job_id,
+        peer_id=peer,
+        attempt=1,
+        outcome=AttemptResult(state=JobState.SUCCEEDED, output=b"x"),
     )
     assert done.state is JobState.SUCCEEDED and done.output == b"x"

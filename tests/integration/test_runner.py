@@ -13,10 +13,13 @@ from typing import Any
 
 import pytest
 
-from daemon import runner as runner_mod
-from daemon.capability_config import Limits, LocalCapability
-from daemon.execution import ExecutionOutcome, ExecutionRequest
-from daemon.jobstate import JobState
+from daemon.capability_config import CapabilityLimits, LocalCapability
+from daemon.executors import result as results
+from daemon.executors.result import ExecutionRequest, ExecutionResult, OutputFile
+from daemon.jobs import attempt as attempt_mod
+from daemon.jobs import runner as runner_mod
+from daemon.jobs.events import JobEventHub
+from daemon.jobs.state import JobState
 from daemon.registry import Registry
 from daemon.registry.listener import JOB_EVENTS, Listener
 from daemon.registry.models import Job, JobSpec
@@ -24,7 +27,6 @@ from daemon.storage.cache import DiskCache
 from daemon.storage.fabric import Fabric
 from daemon.storage.fetcher import Fetcher
 from daemon.storage.local_store import LocalStore
-from daemon.watch import JobEventHub
 from tests.registry_link import RegistryLink
 
 
@@ -34,7 +36,7 @@ class NeverAnswers:
     def __init__(self) -> None:
         self.cancelled = 0
 
-    async def execute(self, request: ExecutionRequest) -> ExecutionOutcome:
+    async def execute(self, request: ExecutionRequest) -> ExecutionResult:
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
@@ -97,11 +99,13 @@ async def started_runner(
 async def test_a_hung_executor_cannot_keep_a_job_running_for_ever(
     registry: Registry, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(runner_mod, "EXECUTOR_GRACE_S", 0.5)
+    monkeypatch.setattr(attempt_mod, "EXECUTOR_GRACE_S", 0.5)
     peer = uuid.uuid4()
     module = tmp_path / "m.wasm"
     module.write_bytes(b"\0asm\1\0\0\0")
-    cap = LocalCapability(name="test:hang", kind="wasm", module=str(module), limits=Limits())
+    cap = LocalCapability(
+        name="test:hang", kind="wasm", module=str(module), limits=CapabilityLimits()
+    )
     executor = NeverAnswers()
     job = (
         await registry.jobs.submit(
@@ -128,7 +132,7 @@ class Sleeps:
         self.started = asyncio.Event()
         self.killed_at: float | None = None
 
-    async def execute(self, request: ExecutionRequest) -> ExecutionOutcome:
+    async def execute(self, request: ExecutionRequest) -> ExecutionResult:
         self.started.set()
         try:
             await asyncio.Event().wait()
@@ -185,14 +189,17 @@ class LeavesFiles:
         self.state = state
         self.count = count
 
-    async def execute(self, request: ExecutionRequest) -> ExecutionOutcome:
+    async def execute(self, request: ExecutionRequest) -> ExecutionResult:
         request.output_dir.mkdir(parents=True)
         files = []
         for i in range(self.count):
             path = request.output_dir / f"f{i}"
             path.write_bytes(b"x" * 100)
-            files.append(path)
-        return ExecutionOutcome(state=self.state, stdout=b"y" * 5000, output_files=tuple(files))
+            files.append(OutputFile(name=path.name, path=path, size=100))
+        end = results.ok() if self.state is JobState.SUCCEEDED else results.nonzero_exit(1)
+        return end.with_capture(
+            stdout=b"y" * 5000, stderr=b"", duration_s=0, fuel_consumed=None
+        ).with_outputs(tuple(files))
 
     async def close(self) -> None:
         return None
@@ -220,7 +227,7 @@ async def until_terminal(registry: Registry, job_id: uuid.UUID, timeout: float =
 async def test_storing_outputs_counts_against_the_jobs_timeout(
     registry: Registry, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(runner_mod, "UPLOAD_GRACE_S", 0.2)
+    monkeypatch.setattr(attempt_mod, "UPLOAD_GRACE_S", 0.2)
     peer = uuid.uuid4()
     cap = LocalCapability(name="test:files", kind="wasm", module=str(tmp_path / "m.wasm"))
     job = (

@@ -25,7 +25,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from daemon.convert import PROTO_TO_JOB_STATE
-from daemon.jobstate import JobState
+from daemon.jobs.state import JobState
 from daemon.pb.anvil import compute_pb2, compute_pb2_grpc
 from tests.e2e.cluster import free_port
 from tests.e2e.guests import SLEEP_WAT, write_guest

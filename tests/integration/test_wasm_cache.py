@@ -13,13 +13,13 @@ import test_wasm_guests as guests
 import wasmtime
 
 from daemon.exceptions import DigestMismatch
-from daemon.executors.engine import EngineSettings
-from daemon.executors.limits import Limits
-from daemon.executors.module_cache import Level, load_or_create_secret
-from daemon.executors.result import Outcome
-from daemon.executors.sandbox import RunRequest, Sandbox
-from daemon.executors.wasm import WasmExecutor
-from daemon.executors.worker_pool import PoolSettings
+from daemon.executors.result import RunEnd
+from daemon.executors.wasm.engine import EngineSettings
+from daemon.executors.wasm.executor import WasmExecutor
+from daemon.executors.wasm.limits import Limits
+from daemon.executors.wasm.module_cache import Level, load_or_create_secret
+from daemon.executors.wasm.pool import PoolSettings
+from daemon.executors.wasm.sandbox import RunRequest, Sandbox
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def run_echo(
             limits=Limits(),
         )
     )
-    assert result.outcome is Outcome.OK, result.message
+    assert result.outcome is RunEnd.OK, result.message
     return result.stdout
 
 
@@ -238,7 +238,7 @@ def test_unneeded_wasm_features_are_off(tmp_path: Path, wat: str, refusal: str) 
                 limits=Limits(),
             )
         )
-    assert result.outcome is Outcome.INVALID_MODULE
+    assert result.outcome is RunEnd.INVALID_MODULE
     assert refusal in result.message
 
 
@@ -266,7 +266,7 @@ async def test_pool_recompiles_over_a_tampered_file(tmp_path: Path, cache_dir: P
             out = tmp_path / name
             out.mkdir()
             result = await ex.run(module, output_dir=out)
-            assert result.outcome is Outcome.OK, result.message
+            assert result.outcome is RunEnd.OK, result.message
             return result.stdout
 
     assert await run_in_a_new_pool("o1") == b"pooledguest\0"

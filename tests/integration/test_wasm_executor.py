@@ -16,10 +16,10 @@ import pytest_asyncio
 import test_wasm_guests as guests
 
 from daemon.exceptions import DigestMismatch, InvalidArgument, Unavailable
-from daemon.executors.limits import Limits
-from daemon.executors.result import Outcome
-from daemon.executors.wasm import WasmExecutor
-from daemon.executors.worker_pool import PoolSettings
+from daemon.executors.result import RunEnd
+from daemon.executors.wasm.executor import WasmExecutor
+from daemon.executors.wasm.limits import Limits
+from daemon.executors.wasm.pool import PoolSettings
 
 WORDCOUNT = Path(__file__).resolve().parents[2] / "guest_modules/dist/text-wordcount.wasm"
 
@@ -59,7 +59,7 @@ async def test_guest_abi_argv_env_stdin_inputs_and_outputs(
         params={"mode": "fast", "note": "a b=c"},
         program="text:echo",
     )
-    assert result.outcome is Outcome.OK, result.message
+    assert result.outcome is RunEnd.OK, result.message
     assert result.exit_code == 0
     assert result.stdout == b"abi" + b"text:echo\0--mode=fast\0--note=a b=c\0"
     assert result.stderr == b"ANVIL_PARAM_MODE=fast\0ANVIL_PARAM_NOTE=a b=c\0"
@@ -83,7 +83,7 @@ async def test_no_inputs_means_empty_stdin(executor: WasmExecutor, tmp_path: Pat
     result = await executor.run(
         guests.write_module(tmp_path, guests.echo()), output_dir=fresh_dir(tmp_path / "out")
     )
-    assert result.outcome is Outcome.OK, result.message
+    assert result.outcome is RunEnd.OK, result.message
     assert (tmp_path / "out" / "copy.txt").read_bytes() == b""
 
 
@@ -91,7 +91,7 @@ async def test_nonzero_exit_is_recorded(executor: WasmExecutor, tmp_path: Path) 
     result = await executor.run(
         guests.write_module(tmp_path, guests.exit_with(7)), output_dir=fresh_dir(tmp_path / "o")
     )
-    assert result.outcome is Outcome.NONZERO_EXIT
+    assert result.outcome is RunEnd.NONZERO_EXIT
     assert result.exit_code == 7
     assert result.message == "guest exited with code 7"
     assert not result.succeeded
@@ -118,7 +118,7 @@ async def test_bad_requests_raise(executor: WasmExecutor, tmp_path: Path) -> Non
         await executor.run(module, output_dir=fresh_dir(tmp_path / "o4"), digest="0" * 64)
     # ...and the executor still serves.
     ok = await executor.run(module, output_dir=fresh_dir(tmp_path / "o5"))
-    assert ok.outcome is Outcome.OK
+    assert ok.outcome is RunEnd.OK
 
 
 async def test_200_jobs_over_8_modules_from_4_tasks(executor: WasmExecutor, tmp_path: Path) -> None:
@@ -139,7 +139,7 @@ async def test_200_jobs_over_8_modules_from_4_tasks(executor: WasmExecutor, tmp_
                 params={"job": str(job)},
             )
             good = (
-                result.outcome is Outcome.OK
+                result.outcome is RunEnd.OK
                 and result.stdout == f"module-{m}guest\0--job={job}\0".encode()
                 and result.stderr == f"ANVIL_PARAM_JOB={job}\0".encode()
                 and result.outputs[0].path.read_bytes() == f"payload {job}".encode()
@@ -172,7 +172,7 @@ async def test_a_worker_killed_mid_run_is_reported_and_replaced(
     assert len(busy) == 1
     os.kill(busy[0], signal.SIGKILL)
     result = await asyncio.wait_for(task, 10)
-    assert result.outcome is Outcome.CRASHED
+    assert result.outcome is RunEnd.CRASHED
     # Its exit status reads "killed by signal 9", or 255 when another waiter in
     # the test process reaped the child first (asyncio then cannot know it).
     assert f"worker {busy[0]} " in result.message and "while the guest ran" in result.message
@@ -182,7 +182,7 @@ async def test_a_worker_killed_mid_run_is_reported_and_replaced(
     ok = await executor.run(
         guests.write_module(tmp_path, guests.echo()), output_dir=fresh_dir(tmp_path / "o2")
     )
-    assert ok.outcome is Outcome.OK
+    assert ok.outcome is RunEnd.OK
 
 
 async def test_an_idle_worker_killed_is_replaced_without_failing_a_job(
@@ -193,7 +193,7 @@ async def test_an_idle_worker_killed_is_replaced_without_failing_a_job(
     os.kill(victim, signal.SIGKILL)
     module = guests.write_module(tmp_path, guests.echo())
     result = await executor.run(module, output_dir=fresh_dir(tmp_path / "o"))
-    assert result.outcome is Outcome.OK, result.message
+    assert result.outcome is RunEnd.OK, result.message
     await wait_for(lambda: len(pool.pids()) == 2 and pool.replaced == 1)
     assert victim not in pool.pids()
 
@@ -222,7 +222,7 @@ async def test_compile_time_bound(tmp_path: Path) -> None:
         result = await ex.run(
             guests.write_module(tmp_path, guests.echo()), output_dir=fresh_dir(tmp_path / "o")
         )
-        assert result.outcome is Outcome.INVALID_MODULE
+        assert result.outcome is RunEnd.INVALID_MODULE
         assert "longer than 0.001 s" in result.message
 
 
@@ -253,7 +253,7 @@ async def test_scratch_holds_nothing_staged_after_runs_and_crashes(tmp_path: Pat
             output_dir=fresh_dir(tmp_path / "o"),
             inputs=[stdin],
         )
-        assert result.outcome is Outcome.OK
+        assert result.outcome is RunEnd.OK
         assert scratch_contents(scratch) <= AT_REST
 
         # A worker killed while its guest reads a staged input: the pool removes
@@ -269,7 +269,7 @@ async def test_scratch_holds_nothing_staged_after_runs_and_crashes(tmp_path: Pat
         )
         await wait_for((scratch / f"worker-{victim}" / "input" / "0").exists)
         os.kill(victim, signal.SIGKILL)
-        assert (await task).outcome is Outcome.CRASHED
+        assert (await task).outcome is RunEnd.CRASHED
         await wait_for(lambda: ex.pool.replaced == 1 and len(ex.pool.pids()) == 1)
         assert not (scratch / f"worker-{victim}").exists()
         assert scratch_contents(scratch) <= AT_REST
@@ -282,7 +282,7 @@ async def test_an_output_folder_is_made_and_removed_again_when_left_empty(
     quiet = await executor.run(
         guests.write_module(tmp_path, guests.exit_with(0)), output_dir=tmp_path / "j1.out"
     )
-    assert quiet.outcome is Outcome.OK and quiet.outputs == ()
+    assert quiet.outcome is RunEnd.OK and quiet.outputs == ()
     assert not (tmp_path / "j1.out").exists()  # nothing left for the caller to remove
     wrote = await executor.run(
         guests.write_module(tmp_path, guests.echo()), output_dir=tmp_path / "j2.out"
@@ -335,7 +335,7 @@ async def test_a_real_toolchain_module_runs(executor: WasmExecutor, tmp_path: Pa
         params={"top": "1"},
         program="text:wordcount",
     )
-    assert result.outcome is Outcome.OK, result.stderr
+    assert result.outcome is RunEnd.OK, result.stderr
     assert json.loads(result.stdout) == {"lines": 2, "words": 7, "bytes": 28, "top": [["the", 3]]}
     typo = await executor.run(
         module,
@@ -344,18 +344,17 @@ async def test_a_real_toolchain_module_runs(executor: WasmExecutor, tmp_path: Pa
         params={"tpo": "1"},
         program="text:wordcount",
     )
-    assert typo.outcome is Outcome.NONZERO_EXIT
+    assert typo.outcome is RunEnd.NONZERO_EXIT
     assert typo.stderr == b"text:wordcount: unknown param 'tpo'\n"
 
 
 async def test_the_job_runners_adapter(tmp_path: Path) -> None:
     """WasmJobExecutor as `anvil-compute serve` builds it, fed the runner's request type."""
     from daemon import config
-    from daemon.capability_config import Limits as CapabilityLimits
-    from daemon.capability_config import LocalCapability
-    from daemon.execution import ExecutionRequest
-    from daemon.executors.job_executor import WasmJobExecutor
-    from daemon.jobstate import JobState
+    from daemon.capability_config import CapabilityLimits, LocalCapability
+    from daemon.executors.result import ExecutionRequest
+    from daemon.executors.wasm.job import WasmJobExecutor
+    from daemon.jobs.state import JobState
 
     settings = config.load(environ={}, overrides={"data_dir": tmp_path / "data"})
     adapter = await WasmJobExecutor.create(settings)

@@ -13,11 +13,11 @@ import pytest
 import pytest_asyncio
 import test_wasm_guests as guests
 
-from daemon.executors.guest_run import GuestRun
-from daemon.executors.limits import MIB, Limits
-from daemon.executors.result import ExecutionResult, Outcome
-from daemon.executors.wasm import WasmExecutor
-from daemon.executors.worker_pool import PoolSettings
+from daemon.executors.result import ExecutionResult, RunEnd
+from daemon.executors.wasm.executor import WasmExecutor
+from daemon.executors.wasm.guest_run import GuestRun
+from daemon.executors.wasm.limits import MIB, Limits
+from daemon.executors.wasm.pool import PoolSettings
 
 GRACE_S = 0.5
 
@@ -54,13 +54,13 @@ async def assert_still_serving(executor: WasmExecutor, tmp_path: Path) -> None:
     stdin = tmp_path / "stdin.txt"
     stdin.write_bytes(b"next job")
     result = await run(executor, tmp_path, guests.echo("next"), inputs=[stdin], name="next")
-    assert result.outcome is Outcome.OK, result.message
+    assert result.outcome is RunEnd.OK, result.message
     assert result.stdout.startswith(b"next")
 
 
 async def test_infinite_loop_runs_out_of_fuel(executor: WasmExecutor, tmp_path: Path) -> None:
     result = await run(executor, tmp_path, guests.spin(), limits=Limits(fuel=5_000_000))
-    assert result.outcome is Outcome.OUT_OF_FUEL
+    assert result.outcome is RunEnd.OUT_OF_FUEL
     assert "fuel" in result.message
     assert result.fuel_consumed == 5_000_000
     await assert_still_serving(executor, tmp_path)
@@ -72,7 +72,7 @@ async def test_infinite_loop_is_interrupted_at_its_deadline_in_place(
     replaced = executor.pool.replaced
     began = time.monotonic()
     result = await run(executor, tmp_path, guests.spin(), limits=Limits(timeout_s=0.5))
-    assert result.outcome is Outcome.TIMED_OUT
+    assert result.outcome is RunEnd.TIMED_OUT
     assert "interrupted" in result.message
     assert result.fuel_consumed is None  # wasmtime does not report it after an interrupt
     assert 0.5 <= time.monotonic() - began < 0.5 + GRACE_S
@@ -84,7 +84,7 @@ async def test_unbounded_recursion_traps_with_stack_overflow(
     executor: WasmExecutor, tmp_path: Path
 ) -> None:
     result = await run(executor, tmp_path, guests.recurse())
-    assert result.outcome is Outcome.TRAPPED
+    assert result.outcome is RunEnd.TRAPPED
     assert result.trap_code == "stack_overflow"
     assert "stack" in result.message
     await assert_still_serving(executor, tmp_path)
@@ -97,7 +97,7 @@ async def test_memory_grow_loop_hits_the_memory_limit(
     assert callable(guest)
     limits = Limits(memory_bytes=32 * MIB, fuel=20_000_000)
     result = await run(executor, tmp_path, guest(), limits=limits)
-    assert result.outcome is Outcome.MEMORY_LIMIT
+    assert result.outcome is RunEnd.MEMORY_LIMIT
     assert "32 MiB" in result.message
     await assert_still_serving(executor, tmp_path)
 
@@ -107,7 +107,7 @@ async def test_oversized_initial_memory_hits_the_memory_limit(
 ) -> None:
     wasm = guests.huge_initial_memory(pages=2000)  # 125 MiB
     result = await run(executor, tmp_path, wasm, limits=Limits(memory_bytes=64 * MIB))
-    assert result.outcome is Outcome.MEMORY_LIMIT
+    assert result.outcome is RunEnd.MEMORY_LIMIT
     assert "2000 pages" in result.message
     await assert_still_serving(executor, tmp_path)
 
@@ -119,7 +119,7 @@ async def test_sleeping_an_hour_in_poll_oneoff_is_killed_at_a_1s_deadline(
     began = time.monotonic()
     result = await run(executor, tmp_path, guests.sleep(3600), limits=Limits(timeout_s=1))
     elapsed = time.monotonic() - began
-    assert result.outcome is Outcome.TIMED_OUT
+    assert result.outcome is RunEnd.TIMED_OUT
     assert "killed while blocked" in result.message
     assert 1 <= elapsed < 1 + GRACE_S + 1
     await assert_still_serving(executor, tmp_path)
@@ -140,7 +140,7 @@ async def test_reading_stdin_forever_ends_at_the_deadline(
         inputs=[stdin],
         limits=Limits(timeout_s=0.5),
     )
-    assert result.outcome is Outcome.TIMED_OUT
+    assert result.outcome is RunEnd.TIMED_OUT
     await assert_still_serving(executor, tmp_path)
 
 
@@ -167,7 +167,7 @@ async def test_blocking_stdin_read_is_killed_at_the_deadline(
         elapsed = time.monotonic() - began
     finally:
         os.close(holder)
-    assert result.outcome is Outcome.TIMED_OUT
+    assert result.outcome is RunEnd.TIMED_OUT
     assert "killed while blocked" in result.message
     assert elapsed < 1 + GRACE_S + 1
     await assert_still_serving(executor, tmp_path)
@@ -178,7 +178,7 @@ async def test_100_mib_to_stdout_fails_as_output_too_large(
 ) -> None:
     began = time.monotonic()
     result = await run(executor, tmp_path, guests.flood(1, 100 * MIB))
-    assert result.outcome is Outcome.OUTPUT_TOO_LARGE
+    assert result.outcome is RunEnd.OUTPUT_TOO_LARGE
     assert "1 MiB" in result.message
     assert "stdout" in result.message
     assert len(result.stdout) <= MIB
@@ -190,7 +190,7 @@ async def test_stderr_over_its_cap_fails_as_output_too_large(
     executor: WasmExecutor, tmp_path: Path
 ) -> None:
     result = await run(executor, tmp_path, guests.flood(2, MIB, chunk=4096))
-    assert result.outcome is Outcome.OUTPUT_TOO_LARGE
+    assert result.outcome is RunEnd.OUTPUT_TOO_LARGE
     assert "64 KiB" in result.message
     assert "stderr" in result.message
     await assert_still_serving(executor, tmp_path)
@@ -214,7 +214,7 @@ async def test_paths_outside_the_preopens_are_refused(
     data.write_text("mine")
     (tmp_path / "outside.txt").write_text("not yours")
     result = await run(executor, tmp_path, guests.try_open(fd, path), inputs=[data])
-    assert result.outcome is Outcome.NONZERO_EXIT
+    assert result.outcome is RunEnd.NONZERO_EXIT
     assert result.exit_code in guests.DENIED_ERRNOS | {8}  # 8 = EBADF for a missing preopen
     await assert_still_serving(executor, tmp_path)
 
@@ -223,7 +223,7 @@ async def test_inputs_are_readable(executor: WasmExecutor, tmp_path: Path) -> No
     data = tmp_path / "data.txt"
     data.write_text("the input")
     result = await run(executor, tmp_path, guests.cat_input("0"), inputs=[data])
-    assert result.outcome is Outcome.OK, result.message
+    assert result.outcome is RunEnd.OK, result.message
     assert result.stdout == b"the input"
 
 
@@ -253,7 +253,7 @@ async def test_input_folder_is_read_only(
     data = tmp_path / "data.txt"
     data.write_text("keep me")
     result = await run(executor, tmp_path, wasm, inputs=[data])
-    assert result.outcome is Outcome.NONZERO_EXIT
+    assert result.outcome is RunEnd.NONZERO_EXIT
     assert result.exit_code in guests.DENIED_ERRNOS
     assert data.read_text() == "keep me"  # staged by hard link: the very same file
     await assert_still_serving(executor, tmp_path)
@@ -264,7 +264,7 @@ async def test_symlinks_left_in_output_are_never_followed(
     executor: WasmExecutor, tmp_path: Path, target: str
 ) -> None:
     result = await run(executor, tmp_path, guests.symlink_out(target, "leak"))
-    assert result.outcome in {Outcome.OK, Outcome.NONZERO_EXIT}
+    assert result.outcome in {RunEnd.OK, RunEnd.NONZERO_EXIT}
     assert [f.name for f in result.outputs] == []
     assert not (tmp_path / "out" / "leak").is_symlink()
     assert list((tmp_path / "out").iterdir()) == []
@@ -272,7 +272,7 @@ async def test_symlinks_left_in_output_are_never_followed(
 
 async def test_unknown_import_is_an_invalid_module(executor: WasmExecutor, tmp_path: Path) -> None:
     result = await run(executor, tmp_path, guests.unknown_import())
-    assert result.outcome is Outcome.INVALID_MODULE
+    assert result.outcome is RunEnd.INVALID_MODULE
     assert "env::escape" in result.message
     await assert_still_serving(executor, tmp_path)
 
@@ -286,14 +286,14 @@ async def test_bytes_that_are_not_wasm_are_an_invalid_module(
     executor: WasmExecutor, tmp_path: Path, wasm: bytes
 ) -> None:
     result = await run(executor, tmp_path, wasm)
-    assert result.outcome is Outcome.INVALID_MODULE
+    assert result.outcome is RunEnd.INVALID_MODULE
     assert result.message.startswith("invalid module: ")
     await assert_still_serving(executor, tmp_path)
 
 
 async def test_too_many_output_files_fail_the_job(executor: WasmExecutor, tmp_path: Path) -> None:
     result = await run(executor, tmp_path, guests.write_files(5, 10), limits=Limits(output_files=3))
-    assert result.outcome is Outcome.OUTPUT_TOO_LARGE
+    assert result.outcome is RunEnd.OUTPUT_TOO_LARGE
     assert "more than 3 files in /output (max_output_files)" in result.message
     assert result.outputs == ()
     assert list((tmp_path / "out").iterdir()) == []
@@ -303,7 +303,7 @@ async def test_too_many_output_bytes_fail_the_job(executor: WasmExecutor, tmp_pa
     result = await run(
         executor, tmp_path, guests.write_files(2, 1000), limits=Limits(output_bytes=1500)
     )
-    assert result.outcome is Outcome.OUTPUT_TOO_LARGE
+    assert result.outcome is RunEnd.OUTPUT_TOO_LARGE
     assert "more than 1500 bytes written to /output (max_output_bytes)" in result.message
     assert result.outputs == ()
     assert list((tmp_path / "out").iterdir()) == []

@@ -15,10 +15,10 @@ import test_wasm_guests as guests
 import wasmtime
 
 from daemon.exceptions import InvalidArgument
-from daemon.executors.limits import Limits
-from daemon.executors.result import ExecutionResult, Outcome
-from daemon.executors.wasm import WasmExecutor
-from daemon.executors.worker_pool import PoolSettings
+from daemon.executors.result import ExecutionResult, RunEnd
+from daemon.executors.wasm.executor import WasmExecutor
+from daemon.executors.wasm.limits import Limits
+from daemon.executors.wasm.pool import PoolSettings
 
 GRACE_S = 0.5
 GROW_REFUSED = 42  # exit code of `table_grow` when its table.grow returns -1
@@ -102,7 +102,7 @@ async def assert_still_serving(executor: WasmExecutor, tmp_path: Path, name: str
         output_dir=tmp_path / name,
         inputs=[stdin],
     )
-    assert result.outcome is Outcome.OK, result.message
+    assert result.outcome is RunEnd.OK, result.message
     assert result.stdout.startswith(name.encode())
     assert result.outputs[0].path.read_bytes() == b"next job"
 
@@ -113,13 +113,13 @@ async def assert_still_serving(executor: WasmExecutor, tmp_path: Path, name: str
 @pytest.mark.parametrize(
     ("limit", "outcome", "exit_code"),
     [
-        (999, Outcome.NONZERO_EXIT, GROW_REFUSED),  # one element short: refused
-        (1000, Outcome.OK, 0),  # exactly the limit: allowed
-        (5000, Outcome.OK, 0),
+        (999, RunEnd.NONZERO_EXIT, GROW_REFUSED),  # one element short: refused
+        (1000, RunEnd.OK, 0),  # exactly the limit: allowed
+        (5000, RunEnd.OK, 0),
     ],
 )
 async def test_table_grow_past_table_elements_is_refused(
-    executor: WasmExecutor, tmp_path: Path, limit: int, outcome: Outcome, exit_code: int
+    executor: WasmExecutor, tmp_path: Path, limit: int, outcome: RunEnd, exit_code: int
 ) -> None:
     result = await run(executor, tmp_path, table_grow(1000), limits=Limits(table_elements=limit))
     assert result.outcome is outcome, result.message
@@ -135,7 +135,7 @@ async def test_a_refused_table_grow_leaves_the_guest_running(
     result = await run(
         executor, tmp_path, table_grow(100_000_000), limits=Limits(table_elements=100_000)
     )
-    assert result.outcome is Outcome.NONZERO_EXIT, result.message
+    assert result.outcome is RunEnd.NONZERO_EXIT, result.message
     assert result.exit_code == GROW_REFUSED
     await assert_still_serving(executor, tmp_path)
 
@@ -146,7 +146,7 @@ async def test_a_table_declared_past_table_elements_fails_at_instantiation(
     result = await run(executor, tmp_path, table_declared(1000), limits=Limits(table_elements=500))
     # Not a memory limit: sandbox.classify_error makes any other limit refused at
     # instantiation an INVALID_MODULE that says which limit it broke.
-    assert result.outcome is Outcome.INVALID_MODULE, result.message
+    assert result.outcome is RunEnd.INVALID_MODULE, result.message
     assert result.message.startswith("invalid module: cannot instantiate under the run's limits")
     assert "table" in result.message
     assert "1000 elements" in result.message
@@ -158,18 +158,18 @@ async def test_a_table_declared_past_table_elements_fails_at_instantiation(
     fits = await run(
         executor, tmp_path, table_declared(1000), limits=Limits(table_elements=1000), name="fits"
     )
-    assert fits.outcome is Outcome.OK, fits.message
+    assert fits.outcome is RunEnd.OK, fits.message
 
 
 async def test_more_tables_than_the_limit_fail_at_instantiation(
     executor: WasmExecutor, tmp_path: Path
 ) -> None:
     result = await run(executor, tmp_path, many_tables(3), limits=Limits(tables=2))
-    assert result.outcome is Outcome.INVALID_MODULE, result.message
+    assert result.outcome is RunEnd.INVALID_MODULE, result.message
     assert "table count" in result.message
     await assert_still_serving(executor, tmp_path)
     fits = await run(executor, tmp_path, many_tables(3), limits=Limits(tables=3), name="fits")
-    assert fits.outcome is Outcome.OK, fits.message
+    assert fits.outcome is RunEnd.OK, fits.message
 
 
 # --- instances ---------------------------------------------------------------
@@ -191,10 +191,10 @@ async def test_the_instances_limit_is_applied_to_the_store(
     executor: WasmExecutor, tmp_path: Path
 ) -> None:
     refused = await run(executor, tmp_path, guests.exit_with(0), limits=Limits(instances=0))
-    assert refused.outcome is Outcome.INVALID_MODULE, refused.message
+    assert refused.outcome is RunEnd.INVALID_MODULE, refused.message
     assert "instance count" in refused.message
     one = await run(executor, tmp_path, guests.exit_with(0), limits=Limits(instances=1), name="one")
-    assert one.outcome is Outcome.OK, one.message
+    assert one.outcome is RunEnd.OK, one.message
     await assert_still_serving(executor, tmp_path)
 
 
@@ -238,9 +238,9 @@ async def test_guests_never_block_the_event_loop(tmp_path: Path) -> None:
             stop.set()
             await ticking
 
-        assert spinning.outcome is Outcome.TIMED_OUT, spinning.message
+        assert spinning.outcome is RunEnd.TIMED_OUT, spinning.message
         assert "interrupted" in spinning.message  # a CPU loop, ended by its epoch deadline
-        assert sleeping.outcome is Outcome.TIMED_OUT, sleeping.message
+        assert sleeping.outcome is RunEnd.TIMED_OUT, sleeping.message
         assert "killed while blocked" in sleeping.message  # asleep in a host call
 
         assert max(gaps) < 0.5, f"the event loop stalled for {max(gaps):.3f} s"

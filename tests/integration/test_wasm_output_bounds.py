@@ -28,16 +28,16 @@ import pytest
 import pytest_asyncio
 import test_wasm_guests as guests
 
-from daemon.executors.limits import (
+from daemon.executors.result import ExecutionResult, RunEnd
+from daemon.executors.wasm.executor import WasmExecutor
+from daemon.executors.wasm.limits import (
     MAX_OUTPUT_SLACK,
     MIB,
     OUTPUT_FOLDERS,
     Limits,
     output_fs_inodes,
 )
-from daemon.executors.result import ExecutionResult, Outcome
-from daemon.executors.wasm import WasmExecutor
-from daemon.executors.worker_pool import PoolSettings
+from daemon.executors.wasm.pool import PoolSettings
 
 LIMIT = 16 * MIB
 # Neither fuel nor the deadline ends these guests: only the /output bound can.
@@ -132,7 +132,7 @@ def assert_tmpfs_empty(executor: WasmExecutor) -> None:
 
 
 def assert_bytes_exceeded(result: ExecutionResult, limit: int) -> None:
-    assert result.outcome is Outcome.OUTPUT_TOO_LARGE, result.message
+    assert result.outcome is RunEnd.OUTPUT_TOO_LARGE, result.message
     text = f"more than {limit // MIB} MiB written to /output (max_output_bytes)"
     assert text in result.message
 
@@ -184,7 +184,7 @@ async def test_crossing_then_sleeping_in_a_host_call_ends_within_a_second(
     assert_nothing_left(result, tmp_path)
     await wait_for(lambda: executor.pool.replaced == replaced + 1 and executor.pool.pids())
     ok, _ = await run(executor, tmp_path, guests.exit_with(0), Limits(), name="next")
-    assert ok.outcome is Outcome.OK, ok.message
+    assert ok.outcome is RunEnd.OK, ok.message
 
 
 async def test_a_sparse_file_larger_than_the_limit_fails_and_is_never_copied(
@@ -211,11 +211,11 @@ async def test_exactly_the_limit_passes_intact_and_one_byte_more_fails(
         )
 
     over = await copy(MIB - 1, "over")
-    assert over.outcome is Outcome.OUTPUT_TOO_LARGE
+    assert over.outcome is RunEnd.OUTPUT_TOO_LARGE
     assert f"more than {MIB - 1} bytes written to /output (max_output_bytes)" in over.message
     assert_nothing_left(over, tmp_path, "over")
     fits = await copy(MIB, "fits")
-    assert fits.outcome is Outcome.OK, fits.message
+    assert fits.outcome is RunEnd.OK, fits.message
     (output,) = fits.outputs
     assert (output.name, output.size) == ("copy.txt", MIB)
     assert output.path.read_bytes() == stdin.read_bytes()
@@ -230,7 +230,7 @@ async def test_100000_files_against_1000_fail_naming_max_output_files(
     limits = Limits(output_files=1000)
     with sampled(output_of(executor)) as peak:
         result, elapsed = await run(executor, tmp_path, guests.many_files(100_000), limits)
-    assert result.outcome is Outcome.OUTPUT_TOO_LARGE, result.message
+    assert result.outcome is RunEnd.OUTPUT_TOO_LARGE, result.message
     assert "more than 1000 files in /output (max_output_files)" in result.message
     assert elapsed < ENDS_WITHIN_S + 1
     # The root folder, then at most the files and the folder allowance, never 100,000.
@@ -244,7 +244,7 @@ async def test_hard_links_count_as_files(executor: WasmExecutor, tmp_path: Path)
     limits = Limits(output_files=1000)
     with sampled(output_of(executor)) as peak:
         result, _ = await run(executor, tmp_path, guests.hard_links(2000), limits)
-    assert result.outcome is Outcome.OUTPUT_TOO_LARGE, result.message
+    assert result.outcome is RunEnd.OUTPUT_TOO_LARGE, result.message
     assert "more than 1000 files in /output (max_output_files)" in result.message
     assert 1000 < peak.names_used <= output_fs_inodes(limits)
     assert_nothing_left(result, tmp_path)
@@ -255,7 +255,7 @@ async def test_hard_links_count_as_files(executor: WasmExecutor, tmp_path: Path)
 
 async def test_a_failed_run_leaves_no_outputs(executor: WasmExecutor, tmp_path: Path) -> None:
     result, _ = await run(executor, tmp_path, guests.write_files(3, 100, exit_code=7), Limits())
-    assert result.outcome is Outcome.NONZERO_EXIT and result.exit_code == 7
+    assert result.outcome is RunEnd.NONZERO_EXIT and result.exit_code == 7
     assert_nothing_left(result, tmp_path)
     given = tmp_path / "given"
     given.mkdir()
@@ -291,7 +291,7 @@ async def test_the_tmpfs_is_remounted_only_when_the_limits_change(
         guests.write_files(1, 10),
         Limits(output_bytes=32 * MIB, output_files=10),
     )
-    assert wrote.outcome is Outcome.OK and len(wrote.outputs) == 1
+    assert wrote.outcome is RunEnd.OK and len(wrote.outputs) == 1
     assert_tmpfs_empty(executor)
 
 
@@ -299,9 +299,9 @@ async def test_the_job_executor_bounds_output_by_the_peers_settings(tmp_path: Pa
     """max_output_bytes and max_output_files bound every run `anvil-compute serve` makes."""
     from daemon import config
     from daemon.capability_config import LocalCapability
-    from daemon.execution import ExecutionOutcome, ExecutionRequest
-    from daemon.executors.job_executor import WasmJobExecutor
-    from daemon.jobstate import JobState
+    from daemon.executors.result import ExecutionRequest, ending
+    from daemon.executors.wasm.job import WasmJobExecutor
+    from daemon.jobs.state import JobState
 
     settings = config.load(
         environ={},
@@ -315,7 +315,7 @@ async def test_the_job_executor_bounds_output_by_the_peers_settings(tmp_path: Pa
     adapter = await WasmJobExecutor.create(settings)
     try:
 
-        async def execute(wasm: bytes, name: str) -> ExecutionOutcome:
+        async def execute(wasm: bytes, name: str) -> ExecutionResult:
             module = guests.write_module(tmp_path, wasm)
             return await adapter.execute(
                 ExecutionRequest(
@@ -330,16 +330,18 @@ async def test_the_job_executor_bounds_output_by_the_peers_settings(tmp_path: Pa
             )
 
         big = await execute(guests.fill_output(12 * MIB, MIB, then="forever"), "big")
-        assert big.state is JobState.FAILED
-        assert "more than 4 MiB written to /output (max_output_bytes)" in big.error
+        state, error = ending(big)
+        assert state is JobState.FAILED
+        assert "more than 4 MiB written to /output (max_output_bytes)" in error
         many = await execute(guests.many_files(100), "many")
-        assert many.state is JobState.FAILED
-        assert "more than 10 files in /output (max_output_files)" in many.error
-        assert big.output_files == many.output_files == ()
+        state, error = ending(many)
+        assert state is JobState.FAILED
+        assert "more than 10 files in /output (max_output_files)" in error
+        assert big.outputs == many.outputs == ()
         assert not (tmp_path / "big").exists() and not (tmp_path / "many").exists()
         fits = await execute(guests.write_files(3, 100), "fits")
-        assert fits.state is JobState.SUCCEEDED, fits.error
-        assert [p.name for p in fits.output_files] == ["f0", "f1", "f2"]
+        assert ending(fits) == (JobState.SUCCEEDED, ""), fits.message
+        assert [f.name for f in fits.outputs] == ["f0", "f1", "f2"]
     finally:
         await adapter.close()
 
@@ -350,9 +352,9 @@ AS_NOBODY = r"""
 import asyncio, json, os, sys, time
 from pathlib import Path
 import test_wasm_guests as guests
-from daemon.executors.limits import MIB, Limits
-from daemon.executors.wasm import WasmExecutor
-from daemon.executors.worker_pool import PoolSettings
+from daemon.executors.wasm.limits import MIB, Limits
+from daemon.executors.wasm.executor import WasmExecutor
+from daemon.executors.wasm.pool import PoolSettings
 
 async def main(base: Path) -> dict:
     async with WasmExecutor(PoolSettings(workers=1), scratch_dir=base / "scratch") as ex:
@@ -445,8 +447,8 @@ def test_a_worker_started_as_an_ordinary_user_gets_its_bounded_tmpfs() -> None:
 REFUSING = r"""
 import asyncio, ctypes, struct, sys
 from daemon.exceptions import Unavailable
-from daemon.executors.wasm import WasmExecutor
-from daemon.executors.worker_pool import PoolSettings
+from daemon.executors.wasm.executor import WasmExecutor
+from daemon.executors.wasm.pool import PoolSettings
 
 arch, nr = int(sys.argv[1]), int(sys.argv[2])
 LD_ABS, JEQ, RET = 0x20, 0x15, 0x06

@@ -10,7 +10,7 @@ import pytest
 
 from daemon import access, auth
 from daemon.exceptions import InvalidArgument, JobNotFound, ObjectNotFound, PermissionDenied
-from daemon.jobstate import JobState
+from daemon.jobs.state import JobState
 from tests.unit.test_watch import job as watched_job
 
 SECRET = b"s" * 40

@@ -38,7 +38,7 @@ def test_rebuild_is_byte_identical(build: ModuleType, tmp_path: Path) -> None:
 
 def test_binaries_are_shipped_executable(build: ModuleType) -> None:
     data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
-    shipped = data["package-data"]["daemon.executors"]
+    shipped = data["package-data"]["daemon.executors.podman"]
     for machine in build.MACHINES:
         path = build.DEST / build.binary_name(machine)
         assert path.name in shipped

@@ -1,4 +1,4 @@
-from daemon.jobstate import FINISH_STATES, TERMINAL_STATES, JobState, can_transition, progress
+from daemon.jobs.state import FINISH_STATES, TERMINAL_STATES, JobState, can_transition, progress
 
 
 def test_terminal_states_never_move() -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from daemon import metrics
 from daemon.exceptions import Unavailable
-from daemon.jobstate import JobState
+from daemon.jobs.state import JobState
 from daemon.storage.cache import DiskCache
 from daemon.storage.fetcher import Fetcher
 from daemon.storage.local_store import LocalStore

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.executors.podman_output import Stopped, read_outputs
+from daemon.executors.podman.output import Stopped, read_outputs
 
 
 def stream(*members: tuple[str, bytes | str | None], mode: int = 0o644) -> io.BytesIO:

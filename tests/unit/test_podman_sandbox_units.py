@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from daemon.exceptions import InvalidArgument
-from daemon.executors.podman_sandbox import (
+from daemon.executors.podman.sandbox import (
     EXEC_TARGET,
     INIT_TARGET,
     MIB,

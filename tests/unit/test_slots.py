@@ -1,11 +1,11 @@
-"""Executor slots (daemon/slots.py) and a job's timeout rule (LocalCapability.timeout_ms)."""
+"""Executor slots (daemon/jobs/slots.py) and a job's timeout rule (LocalCapability.timeout_ms)."""
 
 from __future__ import annotations
 
 import pytest
 
-from daemon.capability_config import Limits, LocalCapability
-from daemon.slots import Slots
+from daemon.capability_config import CapabilityLimits, LocalCapability
+from daemon.jobs.slots import Slots
 
 
 def test_no_capability_takes_every_shared_slot() -> None:
@@ -48,5 +48,7 @@ def test_who_has_no_one_to_share_with_may_take_all(capacity: int, sharing: int, 
     ],
 )
 def test_a_job_may_only_lower_the_timeout(capability_ms: int, job_ms: int, expected: int) -> None:
-    cap = LocalCapability(name="t:x", kind="wasm", limits=Limits(timeout_ms=capability_ms))
+    cap = LocalCapability(
+        name="t:x", kind="wasm", limits=CapabilityLimits(timeout_ms=capability_ms)
+    )
     assert cap.timeout_ms(job_ms, default_ms=60_000, ceiling_ms=3_600_000) == expected

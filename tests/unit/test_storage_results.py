@@ -10,7 +10,7 @@ import pytest
 
 from daemon.access import RESULTS_BUCKET
 from daemon.exceptions import ObjectNotFound
-from daemon.jobstate import JobState
+from daemon.jobs.state import JobState
 from daemon.storage import results
 from daemon.storage.local_store import LocalStore
 

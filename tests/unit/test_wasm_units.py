@@ -17,12 +17,14 @@ from wasmtime import TrapCode
 
 from daemon import exceptions
 from daemon.commands import run as run_command
-from daemon.executors import protocol, staging
 from daemon.executors import result as results
-from daemon.executors.engine import EngineSettings, engine_key
-from daemon.executors.guest_run import GuestRun, with_outputs
-from daemon.executors.job_executor import job_limits, outcome_of
-from daemon.executors.limits import (
+from daemon.executors import staging
+from daemon.executors.result import ExecutionResult, OutputFile, RunEnd, ending
+from daemon.executors.wasm import protocol
+from daemon.executors.wasm.engine import EngineSettings, engine_key
+from daemon.executors.wasm.guest_run import GuestRun, with_outputs
+from daemon.executors.wasm.job import job_limits
+from daemon.executors.wasm.limits import (
     MAX_OUTPUT_SLACK,
     MIB,
     OUTPUT_FOLDERS,
@@ -33,13 +35,12 @@ from daemon.executors.limits import (
     output_fs_bytes,
     output_fs_inodes,
 )
-from daemon.executors.lru import LruCache
-from daemon.executors.module_cache import seal, unseal, wasmtime_reason
-from daemon.executors.result import ExecutionResult, Outcome, OutputFile
-from daemon.executors.sandbox import blame_memory, classify_error, classify_trap
-from daemon.executors.worker import read_message, serve
-from daemon.executors.worker_pool import worker_environment
-from daemon.jobstate import JobState
+from daemon.executors.wasm.lru import LruCache
+from daemon.executors.wasm.module_cache import seal, unseal, wasmtime_reason
+from daemon.executors.wasm.pool import worker_environment
+from daemon.executors.wasm.sandbox import blame_memory, classify_error, classify_trap
+from daemon.executors.wasm.worker import read_message, serve
+from daemon.jobs.state import JobState
 
 # --- limits ------------------------------------------------------------------
 
@@ -167,34 +168,34 @@ def test_wasmtime_reason_keeps_the_cause_and_drops_the_backtrace() -> None:
 def test_traps_map_to_typed_outcomes() -> None:
     limits = Limits(fuel=99, timeout_s=2)
     fuel = classify_trap(TrapCode.OUT_OF_FUEL, "x", limits)
-    assert fuel.outcome is Outcome.OUT_OF_FUEL
+    assert fuel.outcome is RunEnd.OUT_OF_FUEL
     assert "99" in fuel.message
     timed = classify_trap(TrapCode.INTERRUPT, "x", limits)
-    assert timed.outcome is Outcome.TIMED_OUT
+    assert timed.outcome is RunEnd.TIMED_OUT
     assert "2 s" in timed.message
     trap = classify_trap(TrapCode.UNREACHABLE, "wasm trap: unreachable", limits)
-    assert (trap.outcome, trap.trap_code) == (Outcome.TRAPPED, "unreachable")
+    assert (trap.outcome, trap.trap_code) == (RunEnd.TRAPPED, "unreachable")
     assert classify_trap(None, "host", limits).trap_code is None
 
 
 def test_errors_map_to_typed_outcomes() -> None:
     limits = Limits()
     memory = classify_error("memory minimum size of 9 pages exceeds memory limits", limits, True)
-    assert memory.outcome is Outcome.MEMORY_LIMIT
+    assert memory.outcome is RunEnd.MEMORY_LIMIT
     table = classify_error("table minimum size of 10 elements exceeds table limits", limits, True)
-    assert table.outcome is Outcome.INVALID_MODULE
+    assert table.outcome is RunEnd.INVALID_MODULE
     host = classify_error("some host error", limits, False)
-    assert host.outcome is Outcome.TRAPPED
+    assert host.outcome is RunEnd.TRAPPED
 
 
 def test_failures_at_the_memory_limit_are_blamed_on_memory() -> None:
     trapped = results.trapped("unreachable", "boom")
     blamed = blame_memory(trapped, 32 * MIB, 32 * MIB)
-    assert blamed.outcome is Outcome.MEMORY_LIMIT
+    assert blamed.outcome is RunEnd.MEMORY_LIMIT
     assert "boom" in blamed.message
     assert blame_memory(trapped, MIB, 32 * MIB) is trapped
     hinted = blame_memory(trapped, 20 * MIB, 32 * MIB)
-    assert hinted.outcome is Outcome.TRAPPED
+    assert hinted.outcome is RunEnd.TRAPPED
     assert hinted.message.endswith("(its memory was at 20 MiB of its 32 MiB limit)")
 
 
@@ -215,16 +216,16 @@ def test_outputs_over_their_limits_fail_a_successful_run(tmp_path: Path) -> None
     assert with_outputs(ok, files, Limits()).outputs == files
     assert with_outputs(ok, files, Limits(output_files=3, output_bytes=30)).outputs == files
     many = with_outputs(ok, files, Limits(output_files=2))
-    assert many.outcome is Outcome.OUTPUT_TOO_LARGE
+    assert many.outcome is RunEnd.OUTPUT_TOO_LARGE
     assert "more than 2 files in /output (max_output_files)" in many.message
     assert many.stdout == b"o"
     assert many.outputs == ()  # nothing of a failed run is reported, so none is uploaded
     big = with_outputs(ok, files, Limits(output_bytes=29))
-    assert big.outcome is Outcome.OUTPUT_TOO_LARGE
+    assert big.outcome is RunEnd.OUTPUT_TOO_LARGE
     assert "more than 29 bytes written to /output (max_output_bytes)" in big.message
     assert big.outputs == ()
     failed = with_outputs(results.nonzero_exit(1), files, Limits(output_files=0))
-    assert failed.outcome is Outcome.NONZERO_EXIT
+    assert failed.outcome is RunEnd.NONZERO_EXIT
     assert failed.outputs == ()
 
 
@@ -370,7 +371,7 @@ def test_worker_loop(tmp_path: Path) -> None:
     )
     run = protocol.message("run", **protocol.request_fields(request))
     worker = subprocess.run(
-        [sys.executable, "-m", "daemon.executors.worker"],
+        [sys.executable, "-m", "daemon.executors.wasm.worker"],
         input=_hello(scratch_dir=str(tmp_path / "scratch")) + bad_digest + run,
         capture_output=True,
         timeout=60,
@@ -522,23 +523,17 @@ def test_job_limits_take_the_capabilitys_and_the_jobs_values() -> None:
     assert (limits.fuel, limits.memory_bytes, limits.timeout_s) == (5, 8 * MIB, 2.5)
 
 
-def test_job_states_from_outcomes(tmp_path: Path) -> None:
-    ok = results.ok().with_outputs((OutputFile(name="a", path=tmp_path / "a", size=1),))
-    assert outcome_of(ok).state is JobState.SUCCEEDED
-    assert outcome_of(ok).error == ""
-    assert outcome_of(ok).output_files == (tmp_path / "a",)
-    assert outcome_of(results.timed_out(1, killed=True)).state is JobState.TIMED_OUT
-    failed = outcome_of(results.out_of_fuel(5))
-    assert failed.state is JobState.FAILED
-    assert "fuel" in failed.error
+def test_job_states_from_run_ends() -> None:
+    assert ending(results.ok()) == (JobState.SUCCEEDED, "")
+    assert ending(results.timed_out(1, killed=True))[0] is JobState.TIMED_OUT
+    state, error = ending(results.out_of_fuel(5))
+    assert state is JobState.FAILED and "fuel" in error
     exited = results.nonzero_exit(1).with_capture(
         stdout=b"", stderr=b"text:wc: line 7: bad\n", duration_s=0, fuel_consumed=1
     )
-    assert outcome_of(exited).error == "text:wc: line 7: bad"
-    assert outcome_of(results.nonzero_exit(2)).error == "guest exited with code 2"
-    # Whatever a failed result carries, the runner is handed no file of it to upload.
-    leaked = results.nonzero_exit(3).with_outputs(ok.outputs)
-    assert outcome_of(leaked).output_files == ()
+    assert ending(exited) == (JobState.FAILED, "text:wc: line 7: bad")
+    assert ending(results.nonzero_exit(2)) == (JobState.FAILED, "guest exited with code 2")
+    assert ending(results.refused("image missing")) == (JobState.FAILED, "image missing")
 
 
 def test_results_are_json_safe_over_the_wire() -> None:
@@ -556,7 +551,7 @@ def test_workers_inherit_no_daemon_secrets() -> None:
 def test_the_daemon_checks_what_a_worker_says_it_left(tmp_path: Path) -> None:
     """Outputs come from a process that ran guest code: only regular files inside
     the output folder pass, with sizes measured on the daemon's side."""
-    from daemon.executors.wasm import _checked_outputs
+    from daemon.executors.wasm.executor import _checked_outputs
 
     out = tmp_path / "job.out"
     (out / "sub").mkdir(parents=True)
@@ -575,7 +570,7 @@ def test_the_daemon_checks_what_a_worker_says_it_left(tmp_path: Path) -> None:
 
 
 def test_nested_outputs_keep_their_folders_in_object_keys(tmp_path: Path) -> None:
-    from daemon.runner import _output_name
+    from daemon.jobs.runner import _output_name
 
     out = tmp_path / "j.out"
     assert _output_name(out / "a" / "x", out) == "a/x"

@@ -1,4 +1,4 @@
-"""daemon/watch.py: which job changes wake a watcher, and when it must re-read the row."""
+"""daemon/jobs/events.py: which job changes wake a watcher, and when it must re-read the row."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
-from daemon.jobstate import JobState
+from daemon.jobs.events import RECENT_BYTES, RECENT_OUTPUT_BYTES, JobEventHub
+from daemon.jobs.state import JobState
 from daemon.registry.listener import JOB_EVENTS, RECONNECTED, Notification
 from daemon.registry.models import Job
-from daemon.watch import RECENT_BYTES, RECENT_OUTPUT_BYTES, JobEventHub
 
 NOW = datetime(2026, 11, 29, tzinfo=UTC)
 

@@ -18,7 +18,7 @@
  * Stdin attached through that API loses the command's output whenever the
  * command leaves stdin unread (conmon 2.1 resets the stream), so the executor
  * attaches none and the command's stdin comes from here. Bind-mounted
- * read-only into every container at /.anvil-exec by daemon/executors/podman.py.
+ * read-only into every container at /.anvil-exec by daemon/executors/podman/executor.py.
  *
  * Freestanding: no C library, raw system calls for x86_64 and aarch64, so
  * one static binary per machine runs in any image. Built byte for byte by

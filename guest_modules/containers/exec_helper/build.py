@@ -3,12 +3,12 @@
     python guest_modules/containers/exec_helper/build.py          # rebuild the binaries
     python guest_modules/containers/exec_helper/build.py --check  # rebuild elsewhere, compare
 
-The binaries are daemon/executors/anvil-exec.<machine>.
+The binaries are daemon/executors/podman/anvil-exec.<machine>.
 
 Freestanding static binaries (no C library), stripped, without a build id:
 with the pinned toolchain a rebuild is byte-identical, which
 tests/unit/test_exec_helper.py checks. They ship in the package beside the
-executor (daemon/executors/podman.py), which bind-mounts the one for the
+executor (daemon/executors/podman/executor.py), which bind-mounts the one for the
 machine into every container.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
-DEST = REPO / "daemon" / "executors"
+DEST = REPO / "daemon" / "executors" / "podman"
 SOURCE = "anvil_exec.c"
 ZIG_VERSION = "0.17.1"
 MACHINES = ("x86_64", "aarch64")

@@ -1,4 +1,4 @@
-"""This peer's job runner: claim, fetch, execute under a lease, persist the result.
+"""This peer's job runner: claim a job, run its attempt under a lease, record the result.
 
 Claims are woken by Dispatch, by the registry's NOTIFY on this peer's channel,
 and by a poll (the backstop). Each capability runs at most `max_concurrency`
@@ -22,29 +22,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from urllib.parse import quote
 
 from daemon import metrics
-from daemon.access import RESULTS_BUCKET
 from daemon.capability_config import LocalCapability
 from daemon.exceptions import AnvilError, FailedPrecondition, RegistryUnavailable, Unavailable
-from daemon.execution import ExecutionOutcome, ExecutionRequest, JobExecutor
-from daemon.jobstate import JobState
+from daemon.executors.result import JobExecutor
+from daemon.jobs.attempt import AttemptOptions, AttemptRunner, Workspace
+from daemon.jobs.events import JobEventHub
+from daemon.jobs.slots import Slots
+from daemon.jobs.state import JobState
 from daemon.registry import Registry
-from daemon.registry.models import Job, Outcome
-from daemon.slots import Slots
-from daemon.storage.fabric import Fabric, count_remote_bytes
+from daemon.registry.models import AttemptResult, Job
+from daemon.storage.fabric import Fabric
 from daemon.storage.fetcher import Fetcher
-from daemon.watch import JobEventHub
 
 log = logging.getLogger(__name__)
-
-# Beyond the job's timeout: compiling a module (bounded at 60 s by the WASM
-# executor) or starting a container, plus scheduling slack.
-EXECUTOR_GRACE_S = 90.0
-# Storing a successful attempt's outputs counts against its timeout, with this
-# much slack for the last few writes of a guest that used all of its time.
-UPLOAD_GRACE_S = 2.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -103,25 +95,6 @@ def _ids(job: Job) -> dict[str, object]:
     return {"job_id": str(job.job_id), "attempt": job.attempt}
 
 
-def _fetched_module(cap: LocalCapability) -> bool:
-    """A module named by an object ref is fetched into the attempt's folder."""
-    return "://" in cap.module or cap.module.startswith("sha256:")
-
-
-def _output_name(path: Path, output_dir: Path) -> str:
-    """The output's name in /output ('/'-separated): nested outputs keep their folders,
-    so `a/x` and `b/x` are two objects."""
-    for root in (output_dir, output_dir.resolve()):
-        if path.is_relative_to(root):
-            return path.relative_to(root).as_posix()
-    return path.name
-
-
-def _write_new(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-
-
 class Runner:
     def __init__(
         self,
@@ -138,9 +111,16 @@ class Runner:
         self._registry = registry
         self._peer_id = peer_id
         self._capabilities = dict(capabilities)
-        self._executors = dict(executors)
-        self._fetcher = fetcher
-        self._fabric = fabric
+        self._attempts = AttemptRunner(
+            executors=executors,
+            fetcher=fetcher,
+            fabric=fabric,
+            options=AttemptOptions(
+                max_inline_output=options.max_inline_output,
+                default_timeout_ms=options.default_timeout_ms,
+                max_timeout_ms=options.max_timeout_ms,
+            ),
+        )
         self._hub = hub
         self._options = options
         self._running: dict[uuid.UUID, _Running] = {}
@@ -338,15 +318,16 @@ class Runner:
 
     # -- one job ---------------------------------------------------------------
     async def _run(self, job: Job, cap: LocalCapability) -> None:
-        # The attempt's own folder (fetched inputs, a fetched module, spilled
-        # stdout), made only when needed, and the guest's /output beside it,
-        # which the executor makes.
-        workdir = self._options.work_root / f"{job.job_id}-{job.attempt}"
-        output_dir = workdir.with_name(workdir.name + ".out")
+        space = Workspace.of(self._options.work_root, job)
         began = time.monotonic()
-        outcome: Outcome | None = None
+        outcome: AttemptResult | None = None
+
+        def guest_done() -> None:
+            entry = self._running.get(job.job_id)
+            self._free_slot(entry if entry and entry.job.attempt == job.attempt else None, cap)
+
         try:
-            outcome = await self._attempt(job, cap, workdir, output_dir)
+            outcome = await self._attempts.run(job, cap, space, guest_done=guest_done)
             metrics.job_finished(cap.name, outcome.state, time.monotonic() - began)
             running = self._running.get(job.job_id)
             if running is not None and running.job.attempt == job.attempt:
@@ -388,136 +369,12 @@ class Runner:
                 metrics.job_finished(cap.name, JobState.FAILED, time.monotonic() - began)
             with contextlib.suppress(AnvilError):
                 await self._finish(
-                    job, Outcome(state=JobState.FAILED, error="internal error on the peer")
+                    job, AttemptResult(state=JobState.FAILED, error="internal error on the peer")
                 )
         finally:
-            await _remove_leftovers(workdir, output_dir)
+            await _remove_leftovers(space.root, space.output)
 
-    async def _attempt(
-        self, job: Job, cap: LocalCapability, workdir: Path, output_dir: Path
-    ) -> Outcome:
-        input_dir = workdir / "in"
-        if job.inputs or _fetched_module(cap):
-            await asyncio.to_thread(os.makedirs, input_dir)
-        try:
-            inputs = []
-            with count_remote_bytes() as remote:
-                for index, ref in enumerate(job.inputs):
-                    dest = input_dir / str(index)
-                    await self._fetcher.fetch_to(ref, dest)
-                    inputs.append(dest)
-            module_path = await self._module(cap, workdir) if cap.kind == "wasm" else None
-        except Unavailable:
-            raise  # transient: the job is handed back, not failed (see _run)
-        except AnvilError as exc:
-            return Outcome(state=JobState.FAILED, error=f"fetching inputs failed: {exc}")
-        executor = self._executors.get(cap.kind)
-        if executor is None:
-            return Outcome(state=JobState.FAILED, error=f"no {cap.kind} executor on this peer")
-        timeout_s = (
-            cap.timeout_ms(
-                job.timeout_ms,
-                default_ms=self._options.default_timeout_ms,
-                ceiling_ms=self._options.max_timeout_ms,
-            )
-            / 1000
-        )
-        request = ExecutionRequest(
-            job_id=str(job.job_id),
-            capability=cap,
-            module_path=module_path,
-            inputs=tuple(inputs),
-            params=dict(job.params),
-            output_dir=output_dir,
-            timeout_s=timeout_s,
-        )
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s + UPLOAD_GRACE_S
-        try:
-            # The executor enforces the job's own deadline; this outer bound is
-            # for the executor itself (no worker could be started, an image
-            # pull hangs): no job stays RUNNING here for ever with a live lease.
-            async with asyncio.timeout(timeout_s + EXECUTOR_GRACE_S):
-                result = await executor.execute(request)
-        except TimeoutError:
-            return Outcome(
-                state=JobState.TIMED_OUT,
-                error=f"the {cap.kind} executor on this peer did not finish the job within "
-                f"{timeout_s + EXECUTOR_GRACE_S:g} s (job timeout {timeout_s:g} s)",
-            )
-        finally:
-            entry = self._running.get(job.job_id)
-            self._free_slot(entry if entry and entry.job.attempt == job.attempt else None, cap)
-        try:
-            async with asyncio.timeout_at(max(deadline, loop.time())):
-                return await self._persist(
-                    job, result, workdir, output_dir, bytes_fetched_remote=remote[0]
-                )
-        except TimeoutError:
-            return Outcome(
-                state=JobState.TIMED_OUT,
-                error=f"storing the job's outputs did not finish within its timeout of "
-                f"{timeout_s:g} s",
-                exit_code=result.exit_code,
-                bytes_fetched_remote=remote[0],
-            )
-
-    async def _module(self, cap: LocalCapability, workdir: Path) -> Path:
-        if _fetched_module(cap):
-            ref = cap.module
-            if cap.module_sha256 and "sha256=" not in ref and not ref.startswith("sha256:"):
-                ref += ("&" if "?" in ref else "?") + f"sha256={cap.module_sha256}"
-            dest = workdir / "module.wasm"
-            await self._fetcher.fetch_to(ref, dest)
-            return dest
-        # A missing local module fails the run with the executor's own clear error;
-        # checking here would cost a thread hop per job.
-        return Path(cap.module)
-
-    async def _persist(
-        self,
-        job: Job,
-        result: ExecutionOutcome,
-        workdir: Path,
-        output_dir: Path,
-        *,
-        bytes_fetched_remote: int,
-    ) -> Outcome:
-        """Store large stdout and /output files as objects; small stdout stays inline.
-
-        Objects go to the HRW owner of their key, like every object in the fabric.
-        Nothing of an attempt that did not succeed is stored: its stdout is kept
-        inline up to max_inline_output, its files are dropped with its folder.
-        """
-        refs: list[str] = []
-        prefix = f"{job.job_id}/{job.attempt}"
-        output: bytes | None = result.stdout
-        if result.state is not JobState.SUCCEEDED:
-            output = result.stdout[-self._options.max_inline_output :] or None
-            files = []
-        else:
-            files = [
-                (path, f"{prefix}/output/{_output_name(path, output_dir)}")
-                for path in result.output_files
-            ]
-            if len(result.stdout) > self._options.max_inline_output:
-                spilled = workdir / "stdout"
-                await asyncio.to_thread(_write_new, spilled, result.stdout)
-                files.insert(0, (spilled, f"{prefix}/stdout"))
-                output = None
-        for path, key in files:
-            info = await self._fabric.put_file(path, bucket=RESULTS_BUCKET, key=key)
-            refs.append(f"anvil://{RESULTS_BUCKET}/{quote(key)}?sha256={info.sha256}")
-        return Outcome(
-            state=result.state,
-            output=output,
-            output_refs=tuple(refs),
-            error=result.error,
-            exit_code=result.exit_code,
-            bytes_fetched_remote=bytes_fetched_remote,
-        )
-
-    async def _finish(self, job: Job, outcome: Outcome) -> None:
+    async def _finish(self, job: Job, outcome: AttemptResult) -> None:
         delay = 0.1
         while True:
             try:

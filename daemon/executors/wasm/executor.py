@@ -22,10 +22,10 @@ from pathlib import Path
 from daemon.exceptions import InvalidArgument
 from daemon.executors import result as results
 from daemon.executors import staging
-from daemon.executors.guest_run import GuestRun, with_outputs
-from daemon.executors.limits import Limits
 from daemon.executors.result import ExecutionResult
-from daemon.executors.worker_pool import PoolSettings, WorkerPool
+from daemon.executors.wasm.guest_run import GuestRun, with_outputs
+from daemon.executors.wasm.limits import Limits
+from daemon.executors.wasm.pool import PoolSettings, WorkerPool
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 

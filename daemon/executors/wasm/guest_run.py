@@ -18,12 +18,12 @@ from pathlib import Path
 from daemon.exceptions import InvalidArgument
 from daemon.executors import result as results
 from daemon.executors import staging
-from daemon.executors.bounded_output import OutputMount, OutputWatcher
-from daemon.executors.limits import Limits
-from daemon.executors.module_cache import Level
-from daemon.executors.mount_ns import PrivateMounts
-from daemon.executors.result import ExecutionResult, Outcome, OutputFile
-from daemon.executors.sandbox import RunRequest, Sandbox
+from daemon.executors.result import ExecutionResult, OutputFile, RunEnd
+from daemon.executors.wasm.bounded_output import OutputMount, OutputWatcher
+from daemon.executors.wasm.limits import Limits
+from daemon.executors.wasm.module_cache import Level
+from daemon.executors.wasm.mount_ns import PrivateMounts
+from daemon.executors.wasm.sandbox import RunRequest, Sandbox
 
 # Module digests remembered by file identity; one entry per module path in use.
 _MAX_REMEMBERED_DIGESTS = 1024
@@ -118,7 +118,7 @@ class GuestRunner:
             over = watch.exceeded if found is None else found.over
             outputs: tuple[OutputFile, ...] = ()
             if over is not None:
-                if result.outcome is not Outcome.OUTPUT_TOO_LARGE:
+                if result.outcome is not RunEnd.OUTPUT_TOO_LARGE:
                     result = over.with_capture(
                         stdout=result.stdout,
                         stderr=result.stderr,

@@ -25,7 +25,7 @@ from pathlib import Path
 from wasmtime import Engine, InstancePre, Module, WasmtimeError
 
 from daemon.exceptions import DigestMismatch, InvalidArgument, InvalidModule
-from daemon.executors.lru import LruCache
+from daemon.executors.wasm.lru import LruCache
 
 log = logging.getLogger(__name__)
 

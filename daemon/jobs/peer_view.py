@@ -16,17 +16,17 @@ from collections.abc import Mapping
 
 from daemon import metrics
 from daemon.exceptions import AnvilError
+from daemon.jobs.scheduler import Candidate, CandidateSet, capable
 from daemon.registry import Registry
 from daemon.registry.listener import MEMBERSHIP, Listener
 from daemon.registry.models import Capability, Peer
-from daemon.scheduler import Candidate, CandidateSet, capable
 
 log = logging.getLogger(__name__)
 
 _CacheKey = tuple[str, str, frozenset[tuple[str, str]]]
 
 
-class MembershipView:
+class PeerView:
     def __init__(
         self,
         registry: Registry,

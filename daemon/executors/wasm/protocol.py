@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from daemon import exceptions
-from daemon.executors.guest_run import GuestRun
-from daemon.executors.limits import Limits
-from daemon.executors.result import ExecutionResult, Outcome, OutputFile
+from daemon.executors.result import ExecutionResult, OutputFile, RunEnd
+from daemon.executors.wasm.guest_run import GuestRun
+from daemon.executors.wasm.limits import Limits
 
 HEADER = struct.Struct(">I")
 MAX_FRAME = 256 << 20
@@ -133,7 +133,7 @@ def _result_fields(result: ExecutionResult) -> dict[str, Any]:
 def result_from(head: dict[str, Any], stdout: bytes, stderr: bytes) -> ExecutionResult:
     try:
         return ExecutionResult(
-            outcome=Outcome(head["outcome"]),
+            outcome=RunEnd(head["outcome"]),
             message=str(head["text"]),
             exit_code=_optional_int(head["exit_code"]),
             trap_code=None if head["trap_code"] is None else str(head["trap_code"]),

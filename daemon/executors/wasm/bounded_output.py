@@ -33,9 +33,9 @@ from pathlib import Path
 from daemon.exceptions import InvalidArgument
 from daemon.executors import result as results
 from daemon.executors import staging
-from daemon.executors.limits import OUTPUT_FOLDERS, Limits, output_fs_bytes, output_fs_inodes
-from daemon.executors.mount_ns import PrivateMounts, mount_tmpfs, unmount
 from daemon.executors.result import ExecutionResult, OutputFile
+from daemon.executors.wasm.limits import OUTPUT_FOLDERS, Limits, output_fs_bytes, output_fs_inodes
+from daemon.executors.wasm.mount_ns import PrivateMounts, mount_tmpfs, unmount
 
 PAGE = os.sysconf("SC_PAGESIZE")
 _REMOVE_AT_MOST = 8  # names; past this a fresh tmpfs is cheaper than removing them

@@ -5,7 +5,7 @@ Pure: no I/O. `container_spec` is the body of Podman's `POST /containers/create`
 container before it starts; `confinement_problems` compares it with what the
 kernel reports for the container's first process (/proc/<pid>/...) after it
 starts and before the guest's command runs. The executor refuses to run
-whenever either finds a difference (daemon/executors/podman.py).
+whenever either finds a difference (daemon/executors/podman/executor.py).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ The daemon and Podman share the host: the daemon reads the container's
 and to tell an OOM kill from a plain exit 137.
 
 Tests, CI and the benchmark start a private service on a socket in a temp
-folder (`daemon/executors/podman_service.py`). Hosts with a hybrid cgroup
+folder (`daemon/executors/podman/service.py`). Hosts with a hybrid cgroup
 layout need runc instead of crun, and sandboxes with low hard limits need
 lower default ulimits: `guest_modules/containers/containers.conf`, installed by
 `.ci/install-podman.sh` along with catatonit.
@@ -135,10 +135,12 @@ import urllib3
 from podman.errors import APIError, DockerException, ImageNotFound, NotFound
 
 from daemon.exceptions import FailedPrecondition, InvalidArgument, Unavailable
-from daemon.executors import podman_host, podman_stream, staging
 from daemon.executors import result as results
-from daemon.executors.podman_output import OutputRead, Stopped, read_outputs
-from daemon.executors.podman_sandbox import (
+from daemon.executors import staging
+from daemon.executors.podman import host as podman_host
+from daemon.executors.podman import stream as podman_stream
+from daemon.executors.podman.output import OutputRead, Stopped, read_outputs
+from daemon.executors.podman.sandbox import (
     EXEC_TARGET,
     SECCOMP_PROFILE,
     ContainerLimits,

@@ -1,6 +1,6 @@
 """A private `podman system service` on a socket in a folder: for tests, CI and benchmarks.
 
-Production uses systemd's `podman.socket` instead (daemon/executors/podman.py).
+Production uses systemd's `podman.socket` instead (daemon/executors/podman/executor.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A sandbox worker process: `python -m daemon.executors.worker`, driven over stdin/stdout.
+"""A sandbox worker process: `python -m daemon.executors.wasm.worker`, driven over stdin/stdout.
 
 Runs one guest at a time in its own Sandbox (its own Engine and module cache).
 The daemon kills it when a guest overstays its deadline and starts another.
@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from daemon.exceptions import AnvilError, Unavailable
-from daemon.executors import mount_ns, protocol
-from daemon.executors.engine import EngineSettings
-from daemon.executors.guest_run import GuestRunner
-from daemon.executors.mount_ns import PrivateMounts
 from daemon.executors.result import ExecutionResult
-from daemon.executors.sandbox import Sandbox
+from daemon.executors.wasm import mount_ns, protocol
+from daemon.executors.wasm.engine import EngineSettings
+from daemon.executors.wasm.guest_run import GuestRunner
+from daemon.executors.wasm.mount_ns import PrivateMounts
+from daemon.executors.wasm.sandbox import Sandbox
 
 _PR_SET_PDEATHSIG = 1
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from daemon.exceptions import FailedPrecondition, InvalidArgument
 from daemon.executors import staging
-from daemon.executors.podman_sandbox import (
+from daemon.executors.podman.sandbox import (
     INIT_TARGET,
     ContainerLimits,
     UserNamespace,

@@ -34,16 +34,16 @@ from wasmtime import (
 
 from daemon.exceptions import InvalidArgument, InvalidModule
 from daemon.executors import result as results
-from daemon.executors.engine import EngineSettings, EpochTicker, engine_key, make_engine
-from daemon.executors.limits import Limits, epoch_ticks, memory_exhausted
-from daemon.executors.module_cache import (
+from daemon.executors.result import ExecutionResult, RunEnd
+from daemon.executors.wasm.engine import EngineSettings, EpochTicker, engine_key, make_engine
+from daemon.executors.wasm.limits import Limits, epoch_ticks, memory_exhausted
+from daemon.executors.wasm.module_cache import (
     DiskModuleCache,
     Level,
     LoadedModule,
     ModuleCache,
     wasmtime_reason,
 )
-from daemon.executors.result import ExecutionResult, Outcome
 
 GUEST_INPUT_DIR = "/input"
 GUEST_OUTPUT_DIR = "/output"
@@ -235,7 +235,7 @@ class Sandbox:
 # A guest out of memory fails in one of these ways after its refused `memory.grow`
 # (malloc returns NULL → abort, exit(1), or a loop that never gets anywhere).
 _MAYBE_OUT_OF_MEMORY = frozenset(
-    {Outcome.TRAPPED, Outcome.NONZERO_EXIT, Outcome.OUT_OF_FUEL, Outcome.TIMED_OUT}
+    {RunEnd.TRAPPED, RunEnd.NONZERO_EXIT, RunEnd.OUT_OF_FUEL, RunEnd.TIMED_OUT}
 )
 
 

@@ -1,4 +1,4 @@
-"""The job runner's view of the Podman executor: `ExecutionRequest` in, `ExecutionOutcome` out."""
+"""The job runner's view of the Podman executor: `ExecutionRequest` in, `ExecutionResult` out."""
 
 from __future__ import annotations
 
@@ -10,16 +10,14 @@ from collections import defaultdict
 from daemon.capability_config import LocalCapability
 from daemon.config import Settings
 from daemon.exceptions import AnvilError, Unavailable
-from daemon.execution import ExecutionOutcome, ExecutionRequest
-from daemon.executors.job_executor import outcome_of
-from daemon.executors.podman import (
+from daemon.executors import result as results
+from daemon.executors.podman.executor import (
     DEFAULT_SOCKET,
     ContainerLimits,
     ImageNotPresent,
     PodmanExecutor,
 )
-from daemon.executors.result import ExecutionResult
-from daemon.jobstate import JobState
+from daemon.executors.result import ExecutionRequest, ExecutionResult
 from daemon.storage.fetcher import Fetcher
 
 log = logging.getLogger(__name__)
@@ -67,7 +65,7 @@ class PodmanJobExecutor:
     async def close(self) -> None:
         await self.executor.close()
 
-    async def execute(self, request: ExecutionRequest) -> ExecutionOutcome:
+    async def execute(self, request: ExecutionRequest) -> ExecutionResult:
         """Run one attempt under the capability's limits. Cancelling the call kills it."""
         cap = request.capability
         try:
@@ -88,8 +86,8 @@ class PodmanJobExecutor:
         except Unavailable:
             raise  # transient (Podman or storage unreachable): the runner hands the job back
         except AnvilError as exc:
-            return ExecutionOutcome(state=JobState.FAILED, error=str(exc))
-        return outcome_of(result)
+            return results.refused(str(exc))
+        return result
 
     async def _run(self, request: ExecutionRequest, limits: ContainerLimits) -> ExecutionResult:
         cap = request.capability

@@ -15,7 +15,7 @@ from datetime import timedelta
 
 from daemon import metrics, retry
 from daemon.exceptions import AnvilError
-from daemon.membership import MembershipView
+from daemon.jobs.peer_view import PeerView
 from daemon.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ class Rescuer:
         self,
         *,
         registry: Registry,
-        view: MembershipView,
+        view: PeerView,
         dispatch: Callable[[uuid.UUID, str, uuid.UUID], None],
         interval_s: float,
         retention: timedelta | None = None,

@@ -22,12 +22,12 @@ from typing import Any
 
 from daemon import metrics
 from daemon.exceptions import AnvilError, Unavailable
-from daemon.executors import protocol
 from daemon.executors import result as results
-from daemon.executors.engine import EngineSettings
-from daemon.executors.guest_run import GuestRun
-from daemon.executors.module_cache import load_or_create_secret
 from daemon.executors.result import ExecutionResult
+from daemon.executors.wasm import protocol
+from daemon.executors.wasm.engine import EngineSettings
+from daemon.executors.wasm.guest_run import GuestRun
+from daemon.executors.wasm.module_cache import load_or_create_secret
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +326,7 @@ class WorkerPool:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "daemon.executors.worker",
+            "daemon.executors.wasm.worker",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             env=worker_environment(os.environ),

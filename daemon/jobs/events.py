@@ -26,7 +26,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from daemon.jobstate import JobState, progress
+from daemon.jobs.state import JobState, progress
 from daemon.registry.listener import JOB_EVENTS, RECONNECTED, Listener
 from daemon.registry.models import Job
 

@@ -1,23 +1,21 @@
-"""The job runner's view of the WASM executor: `ExecutionRequest` in, `ExecutionOutcome` out."""
+"""The job runner's view of the WASM executor: `ExecutionRequest` in, `ExecutionResult` out."""
 
 from __future__ import annotations
 
 import os
-import re
 
 from daemon.config import Settings
 from daemon.exceptions import AnvilError
-from daemon.execution import ExecutionOutcome, ExecutionRequest
-from daemon.executors.limits import Limits
-from daemon.executors.result import ExecutionResult, Outcome
-from daemon.executors.wasm import WasmExecutor
-from daemon.executors.worker_pool import PoolSettings
-from daemon.jobstate import JobState
+from daemon.executors import result as results
+from daemon.executors.result import ExecutionRequest, ExecutionResult
+from daemon.executors.wasm.executor import WasmExecutor
+from daemon.executors.wasm.limits import Limits
+from daemon.executors.wasm.pool import PoolSettings
 
 
 class WasmJobExecutor:
     """Runs `wasm` capabilities in a pool of sandbox workers: one per core (at most 8),
-    plus one that no single capability may take (daemon/slots.py), so a capability
+    plus one that no single capability may take (daemon/jobs/slots.py), so a capability
     whose guests sleep still leaves every core's worth to itself and one to the others."""
 
     def __init__(self, executor: WasmExecutor) -> None:
@@ -49,11 +47,11 @@ class WasmJobExecutor:
     async def close(self) -> None:
         await self.executor.close()
 
-    async def execute(self, request: ExecutionRequest) -> ExecutionOutcome:
+    async def execute(self, request: ExecutionRequest) -> ExecutionResult:
         """Run one attempt under the capability's limits. Cancelling the call kills the guest."""
         cap = request.capability
         if request.module_path is None:
-            return ExecutionOutcome(state=JobState.FAILED, error="no module for a wasm job")
+            return results.refused("no module for a wasm job")
         try:
             limits = job_limits(
                 self.executor.default_limits,
@@ -71,8 +69,8 @@ class WasmJobExecutor:
                 program=cap.name,
             )
         except AnvilError as exc:
-            return ExecutionOutcome(state=JobState.FAILED, error=str(exc))
-        return outcome_of(result)
+            return results.refused(str(exc))
+        return result
 
 
 def default_limits(settings: Settings) -> Limits:
@@ -92,46 +90,3 @@ def job_limits(defaults: Limits, *, fuel: int, memory_mib: int, timeout_s: float
         memory_mib=memory_mib or None,
         timeout_s=timeout_s if timeout_s > 0 else None,
     )
-
-
-def outcome_of(result: ExecutionResult) -> ExecutionOutcome:
-    """Map an executor result to a job state and the error a submitter sees: the one
-    place that words a guest's end.
-
-    A guest that exits non-zero explains itself on stderr (guest_modules/GUIDE.md):
-    that text is the error. Any other failure is explained by the sandbox, followed
-    by what the guest last said. The guest's words keep their last
-    MAX_GUEST_MESSAGE characters, control characters escaped (a NUL cannot be
-    stored, and a terminal escape must not reach an operator's screen).
-    """
-    error = ""
-    if result.succeeded:
-        state = JobState.SUCCEEDED
-    else:
-        state = JobState.TIMED_OUT if result.outcome is Outcome.TIMED_OUT else JobState.FAILED
-        said = guest_words(result.stderr)
-        if result.outcome is Outcome.NONZERO_EXIT and said:
-            error = said
-        elif said:
-            error = f"{result.message}: {said}"
-        else:
-            error = result.message
-    return ExecutionOutcome(
-        state=state,
-        stdout=result.stdout,
-        stderr=result.stderr,
-        exit_code=result.exit_code,
-        error=error,
-        # Nothing of a failed attempt is uploaded (a failed result has no outputs anyway).
-        output_files=tuple(f.path for f in result.outputs) if result.succeeded else (),
-    )
-
-
-MAX_GUEST_MESSAGE = 2000
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
-def guest_words(stderr: bytes) -> str:
-    """The tail of what a guest wrote to stderr, fit to show and store."""
-    text = stderr.decode("utf-8", "replace").strip()[-MAX_GUEST_MESSAGE:]
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)

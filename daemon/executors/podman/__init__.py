@@ -1,0 +1,1 @@
+"""The Podman executor: hardened containers for capabilities that are not WASM."""

@@ -1,0 +1,1 @@
+"""The WASM executor: wasmtime sandboxes in a pool of worker processes (WASM first)."""
