@@ -27,6 +27,7 @@ from daemon.storage.cache import DiskCache
 from daemon.storage.fabric import Fabric
 from daemon.storage.fetcher import Fetcher
 from daemon.storage.local_store import LocalStore
+from daemon.storage.refs import parse_ref
 from tests.registry_link import RegistryLink
 
 
@@ -276,3 +277,40 @@ async def test_nothing_of_a_failed_attempt_is_stored(
     # Its stdout is kept inline, cut to max_inline_output; no object was stored.
     assert final.output == b"y" * 1024
     assert LocalStore(tmp_path / "data").keys("anvil-results") == []
+
+
+class LeavesNested:
+    """An executor whose guest leaves `a/x` and `b/x`: two outputs of one name."""
+
+    async def execute(self, request: ExecutionRequest) -> ExecutionResult:
+        files = []
+        for folder in ("a", "b"):
+            (request.output_dir / folder).mkdir(parents=True)
+            path = request.output_dir / folder / "x"
+            path.write_bytes(folder.encode())
+            files.append(OutputFile(name=f"{folder}/x", path=path, size=1))
+        return results.ok().with_outputs(tuple(files))
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_nested_outputs_keep_their_folders_in_object_keys(
+    registry: Registry, database_url: str, tmp_path: Path
+) -> None:
+    peer = uuid.uuid4()
+    cap = LocalCapability(name="test:nested", kind="wasm", module=str(tmp_path / "m.wasm"))
+    job = (
+        await registry.jobs.submit(
+            JobSpec(capability="test:nested", region="local", timeout_ms=5000), peer_id=peer
+        )
+    ).job
+    async with started_runner(
+        registry, database_url, tmp_path, peer=peer, cap=cap, executor=LeavesNested()
+    ):
+        final = await until_terminal(registry, job.job_id)
+    assert final.state is JobState.SUCCEEDED, final.error
+    keys = [parse_ref(ref).key for ref in final.output_refs]
+    assert keys == [f"{job.job_id}/1/output/a/x", f"{job.job_id}/1/output/b/x"]
+    store = LocalStore(tmp_path / "data")
+    assert [store.head("anvil-results", k).size for k in keys] == [1, 1]

@@ -569,15 +569,6 @@ def test_the_daemon_checks_what_a_worker_says_it_left(tmp_path: Path) -> None:
             _checked_outputs(reported(bad), out)
 
 
-def test_nested_outputs_keep_their_folders_in_object_keys(tmp_path: Path) -> None:
-    from daemon.jobs.runner import _output_name
-
-    out = tmp_path / "j.out"
-    assert _output_name(out / "a" / "x", out) == "a/x"
-    assert _output_name(out / "b" / "x", out) == "b/x"
-    assert _output_name(out.resolve() / "y", out) == "y"
-
-
 def test_empty_dir_removes_everything_inside_and_follows_no_link(tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
