@@ -10,9 +10,11 @@ bytes against it, so bytes that differ fail the job instead of running.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from daemon.capability_config import LocalCapability
 from daemon.exceptions import AnvilError, FailedPrecondition, InvalidArgument
 from daemon.storage.digest import sha256_file
 from daemon.storage.refs import ObjectRef, Scheme, parse_ref, validate_sha256
@@ -82,3 +84,20 @@ async def pin_or_explain(
             else ""
         )
         raise type(exc)(f"capability {name!r}: cannot pin its module: {exc}{hint}") from exc
+
+
+async def pin_capabilities(
+    capabilities: tuple[LocalCapability, ...], resolve: Resolver
+) -> tuple[LocalCapability, ...]:
+    """Each WASM capability of this peer's config with its module pinned by sha256
+    (resolved now when the config gives none). Raises AnvilError naming the capability."""
+    pinned = []
+    for cap in capabilities:
+        if cap.kind != "wasm":
+            pinned.append(cap)
+            continue
+        module, digest = await pin_or_explain(
+            cap.name, cap.module, cap.module_sha256, resolve=resolve
+        )
+        pinned.append(dataclasses.replace(cap, module=module, module_sha256=digest))
+    return tuple(pinned)

@@ -1,45 +1,50 @@
-"""One peer: assembles registry, storage, executors, runner and server; starts and drains.
+"""One peer: assembles registry, storage, executors, jobs and server; starts and drains.
 
-Start-up order matters: the registry (and migrations) first, then the server,
-then this peer's row and capabilities, and only then the runner, so a job is
-never placed here before this peer can serve it. Shutdown is the reverse: stop
-taking work, drain running jobs, deregister, stop serving.
+`start` brings the peer up in named phases, each registering what it opened
+on one exit stack: the registry (and migrations), storage, the job machinery,
+the server, and only then this peer's rows and its loops, so a job is never
+placed here before this peer can run it. `stop` is the reverse: stop taking
+work, drain running jobs, deregister, then close what the phases opened, last
+opened first. It also undoes a start that failed halfway.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import logging
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import grpc
-import jwt
 
-from daemon import __version__, auth
+import hrw
+from daemon import auth
 from daemon.capability_config import LocalCapability
 from daemon.config import Settings
-from daemon.exceptions import AnvilError, ConfigError, NotFound
+from daemon.exceptions import AnvilError, ConfigError
 from daemon.executors.result import JobExecutor
 from daemon.jobs.dispatch import PeerLinks
 from daemon.jobs.events import JobEventHub
 from daemon.jobs.peer_view import PeerView
+from daemon.jobs.placer import PlacementPolicy, Placer
+from daemon.jobs.pruner import Pruner
 from daemon.jobs.rescuer import Rescuer
 from daemon.jobs.runner import Runner, RunnerOptions
-from daemon.modules import pin_or_explain
+from daemon.local_tokens import TOKEN_CHECK_INTERVAL_S, PeerToken, write_local_tokens
+from daemon.loops import Background, every
+from daemon.modules import pin_capabilities
+from daemon.registration import Registration
 from daemon.registry import Registry
 from daemon.registry.embedded import EmbeddedPostgres
 from daemon.registry.health import RegistryWatch
 from daemon.registry.listener import JOB_EVENTS, MEMBERSHIP, Listener, peer_channel
-from daemon.registry.models import Capability, CapabilitySpec
 from daemon.server import Server, ServerOptions
-from daemon.services.compute import ComputeService, SubmitPolicy
+from daemon.services.compute import ComputeService
 from daemon.services.peer import PeerService
 from daemon.storage import results
 from daemon.storage.anvil_client import AnvilClient
@@ -51,13 +56,6 @@ from daemon.storage.local_store import LocalStore
 from daemon.storage.rebalance import Rebalancer
 
 log = logging.getLogger(__name__)
-
-# Tokens `serve` writes into the data directory; renewed while it runs, a day
-# before they expire.
-CLIENT_TOKEN_TTL_S = 30 * 24 * 3600
-TOKEN_RENEW_BEFORE_S = 24 * 3600
-TOKEN_CHECK_INTERVAL_S = 3600
-PEER_TOKEN_TTL_S = 3600
 
 
 def load_or_create_peer_id(data_dir: Path) -> uuid.UUID:
@@ -73,132 +71,153 @@ def load_or_create_peer_id(data_dir: Path) -> uuid.UUID:
         raise ConfigError(f"{path} does not hold a UUID") from exc
 
 
-def _token_fresh(path: Path, secret: bytes, scopes: tuple[str, ...]) -> bool:
-    """A valid token with exactly these scopes and more than a day left is at `path`."""
-    try:
-        claims = auth.verify_token(path.read_text().strip(), secret)
-    except (OSError, AnvilError, jwt.PyJWTError):
-        return False
-    return claims.exp - time.time() > TOKEN_RENEW_BEFORE_S and claims.scopes == frozenset(scopes)
-
-
-def write_local_tokens(settings: Settings, secret: bytes) -> None:
-    """client.token (a tenant: its own jobs, every bucket) and operator.token
-    (registration, every job), 0600 in the data directory; kept if still fresh."""
-    for path, sub, scopes in (
-        (settings.token_path, "local-client", auth.CLIENT_SCOPES),
-        (settings.operator_token_path, "local-operator", auth.OPERATOR_SCOPES),
-    ):
-        if not _token_fresh(path, secret, scopes):
-            auth.write_token(path, secret, sub=sub, scopes=scopes, ttl_s=CLIENT_TOKEN_TTL_S)
-
-
-async def pin_capabilities(
-    capabilities: tuple[LocalCapability, ...], fetcher: Fetcher
-) -> tuple[LocalCapability, ...]:
-    """Each WASM capability with its module pinned by sha256 (resolved now when the
-    config gives none). Raises AnvilError naming the capability."""
-    pinned = []
-    for cap in capabilities:
-        if cap.kind != "wasm":
-            pinned.append(cap)
-            continue
-        module, digest = await pin_or_explain(
-            cap.name, cap.module, cap.module_sha256, resolve=functools.partial(pin, fetcher)
-        )
-        pinned.append(dataclasses.replace(cap, module=module, module_sha256=digest))
-    return tuple(pinned)
-
-
 # (settings, the fetcher of objects: modules, inputs, image archives) -> executors by kind
 ExecutorFactory = Callable[[Settings, Fetcher], Awaitable[Mapping[str, JobExecutor]]]
+
+
+@dataclass(slots=True)
+class _Parts:
+    """What the phases of `Node.start` build, for the phases after them."""
+
+    url: str = ""
+    registry: Registry | None = None
+    listener: Listener | None = None
+    hub: JobEventHub | None = None
+    view: PeerView | None = None
+    store: LocalStore | None = None
+    fabric: Fabric | None = None
+    fetcher: Fetcher | None = None
+    links: PeerLinks | None = None
+    placer: Placer | None = None
 
 
 class Node:
     def __init__(self, settings: Settings, *, executor_factory: ExecutorFactory) -> None:
         self.settings = settings
         self._executor_factory = executor_factory
-        self._cleanup: list[Callable[[], Awaitable[None]]] = []
-        self._tasks: list[asyncio.Task[None]] = []
+        self._stack = contextlib.AsyncExitStack()
+        self._background = Background()
+        self._parts = _Parts()
         self.peer_id: uuid.UUID | None = None
         self.address = ""
         self.server: Server | None = None
         self.runner: Runner | None = None
         self.registry: Registry | None = None
-        self._peer_token: tuple[str, float] | None = None
+        self.registration: Registration | None = None
+        self.hrw_backend = ""
         self._secret: bytes | None = None
         # This peer's capabilities, their modules pinned (set by start()).
         self.capabilities: tuple[LocalCapability, ...] = settings.capabilities
 
     async def start(self) -> None:
-        """Bring the peer up; raise ConfigError / RegistryUnavailable on failure."""
+        """Bring the peer up; raise ConfigError / RegistryUnavailable on failure
+        (`stop` then closes what was opened)."""
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
-        self.peer_id = peer_id = load_or_create_peer_id(s.data_dir)
+        self.peer_id = load_or_create_peer_id(s.data_dir)
+        # numba loads and compiles (or reads its cache) in a thread meanwhile,
+        # so the first placement after READY costs what the hundredth does.
+        warm_up = asyncio.create_task(asyncio.to_thread(hrw.warm_up), name="hrw-warm-up")
+        try:
+            await self._start_registry()
+            await self._start_storage()
+            await self._start_jobs()
+            await self._start_server()
+            self.hrw_backend = await warm_up
+            await self._come_online()
+        finally:
+            if not warm_up.done():
+                warm_up.cancel()
+        log.info(
+            "peer %s serving on %s (region %s, capabilities %s; hrw %s)",
+            self.peer_id,
+            self.address,
+            s.region,
+            ", ".join(sorted(c.name for c in self.capabilities)) or "none",
+            self.hrw_backend,
+        )
+
+    # -- phases ---------------------------------------------------------------
+    async def _start_registry(self) -> None:
+        """PostgreSQL (embedded when no URL is set), migrations, LISTEN, the job events."""
+        s, parts, stack = self.settings, self._parts, self._stack
+        assert self.peer_id is not None
         url = s.database_url
         if url is None:
             embedded = EmbeddedPostgres(s.data_dir / "postgres")
             url = await asyncio.to_thread(embedded.start)
-            self._cleanup.append(lambda: asyncio.to_thread(embedded.close))
-        self.registry = registry = await Registry.connect(
+            stack.push_async_callback(asyncio.to_thread, embedded.close)
+        parts.url = url
+        self.registry = parts.registry = await Registry.connect(
             url, peer_ttl=timedelta(seconds=s.peer_ttl_s), max_size=s.db_pool_size
         )
-        self._cleanup.append(registry.close)
+        stack.push_async_callback(parts.registry.close)
+        parts.listener = Listener(url, [JOB_EVENTS, MEMBERSHIP, peer_channel(self.peer_id.hex)])
+        await parts.listener.start()
+        stack.push_async_callback(parts.listener.close)
+        parts.hub = JobEventHub(parts.listener)
+        await parts.hub.start()
+        stack.push_async_callback(parts.hub.close)
+        parts.view = PeerView(parts.registry, parts.listener, refresh_s=max(s.peer_ttl_s / 3, 0.2))
+        stack.push_async_callback(parts.view.close)
 
-        listener = Listener(url, [JOB_EVENTS, MEMBERSHIP, peer_channel(peer_id.hex)])
-        await listener.start()
-        self._cleanup.append(listener.close)
-        hub = JobEventHub(listener)
-        await hub.start()
-        self._cleanup.append(hub.close)
-        view = PeerView(registry, listener, refresh_s=max(s.peer_ttl_s / 3, 0.2))
-        self._cleanup.append(view.close)
-
-        store = LocalStore(s.data_dir, max_bytes=s.max_store_bytes)
+    async def _start_storage(self) -> None:
+        """The built-in store, the verified cache, links to the other peers' stores."""
+        s, parts, stack = self.settings, self._parts, self._stack
+        assert self.peer_id is not None and parts.view is not None
+        parts.store = LocalStore(s.data_dir, max_bytes=s.max_store_bytes)
         cache = DiskCache(s.data_dir / "cache", max_bytes=s.cache_max_bytes)
-        self._cleanup.append(lambda: asyncio.to_thread(cache.close))
-
+        stack.push_async_callback(asyncio.to_thread, cache.close)
         if s.auth:
             self._secret = auth.load_or_create_secret(s.secret_path)
             write_local_tokens(s, self._secret)
-        peer_credentials = (
+        credentials = (
             auth.channel_credentials(
                 ca=s.peer_tls_ca_file, cert=s.peer_tls_cert_file, key=s.peer_tls_key_file
             )
             if s.peer_tls_ca_file
             else None
         )
-        links = PeerLinks(token=self._peer_bearer, credentials=peer_credentials)
-        self._cleanup.append(links.close)
+        token = PeerToken(self._secret, self.peer_id)
+        parts.links = PeerLinks(token=token, credentials=credentials)
+        stack.push_async_callback(parts.links.close)
+        view, region = parts.view, s.region
 
         def owners(key: str) -> list[Owner]:
-            order = view.store_peers(s.region).failover_order(key)
+            order = view.store_peers(region).failover_order(key)
             return [Owner(c.peer_id, c.address) for c in order]
 
-        fabric = Fabric(
-            store=store,
-            peer_id=peer_id,
+        parts.fabric = Fabric(
+            store=parts.store,
+            peer_id=self.peer_id,
             owners=owners,
-            connect=lambda address: self._peer_store(address, peer_credentials),
+            connect=functools.partial(_peer_store, token=token, credentials=credentials),
         )
-        self._cleanup.append(fabric.close)
-        fetcher = Fetcher(cache, local=store, anvil=fabric)
-        # Modules named by object refs are resolved over the fabric's current members.
-        await view.refresh()
-        self.capabilities = await pin_capabilities(s.capabilities, fetcher)
+        stack.push_async_callback(parts.fabric.close)
+        parts.fetcher = Fetcher(cache, local=parts.store, anvil=parts.fabric)
 
-        executors = await self._executor_factory(s, fetcher)
+    async def _start_jobs(self) -> None:
+        """Pinned capabilities, executors, the runner, and placement."""
+        s, parts, stack = self.settings, self._parts, self._stack
+        assert self.peer_id is not None and parts.registry is not None and parts.view is not None
+        assert parts.fetcher is not None and parts.fabric is not None and parts.hub is not None
+        assert parts.links is not None
+        # Modules named by object refs are resolved over the fabric's current members.
+        await parts.view.refresh()
+        self.capabilities = await pin_capabilities(
+            s.capabilities, functools.partial(pin, parts.fetcher)
+        )
+        executors = await self._executor_factory(s, parts.fetcher)
         for executor in executors.values():
-            self._cleanup.append(executor.close)
-        capabilities = {c.name: c for c in self.capabilities}
+            stack.push_async_callback(executor.close)
         self.runner = runner = Runner(
-            registry=registry,
-            peer_id=peer_id,
-            capabilities=capabilities,
+            registry=parts.registry,
+            peer_id=self.peer_id,
+            capabilities={c.name: c for c in self.capabilities},
             executors=executors,
-            fetcher=fetcher,
-            fabric=fabric,
-            hub=hub,
+            fetcher=parts.fetcher,
+            fabric=parts.fabric,
+            hub=parts.hub,
             options=RunnerOptions(
                 lease=timedelta(seconds=s.lease_s),
                 poll_interval_s=s.poll_interval_s,
@@ -212,6 +231,7 @@ class Node:
                 work_root=s.data_dir / "work",
             ),
         )
+        peer_id, links = self.peer_id, parts.links
 
         def dispatch(target: uuid.UUID, address: str, job_id: uuid.UUID) -> None:
             if target == peer_id:
@@ -219,6 +239,20 @@ class Node:
             else:
                 links.dispatch_soon(address, job_id)
 
+        parts.placer = Placer(
+            view=parts.view,
+            dispatch=dispatch,
+            policy=PlacementPolicy(
+                balance=s.balance, max_timeout_ms=round(s.max_job_timeout_s * 1000)
+            ),
+        )
+
+    async def _start_server(self) -> None:
+        """The gRPC server, NOT_SERVING until the peer comes online; the registry watch."""
+        s, parts, stack = self.settings, self._parts, self._stack
+        assert self.peer_id is not None and parts.registry is not None and parts.view is not None
+        assert parts.hub is not None and parts.placer is not None and parts.fabric is not None
+        assert parts.fetcher is not None and self.runner is not None
         tls = (
             auth.server_credentials(
                 auth.TlsFiles(
@@ -231,37 +265,45 @@ class Node:
         self.server = server = Server(
             ServerOptions(listen=s.listen, secret=self._secret, credentials=tls),
             compute=ComputeService(
-                registry=registry,
-                view=view,
-                hub=hub,
-                dispatch=dispatch,
-                policy=SubmitPolicy(
-                    balance=s.balance, max_timeout_ms=round(s.max_job_timeout_s * 1000)
-                ),
-                resolve_module=functools.partial(pin, fetcher),
+                registry=parts.registry,
+                view=parts.view,
+                hub=parts.hub,
+                placer=parts.placer,
+                resolve_module=functools.partial(pin, parts.fetcher),
             ),
-            peer=PeerService(peer_id=peer_id, region=s.region, worker=runner),
-            objects=FabricObjectService(fabric, owner_of=registry.jobs.owner),
+            peer=PeerService(peer_id=self.peer_id, region=s.region, worker=self.runner),
+            objects=FabricObjectService(parts.fabric, owner_of=parts.registry.jobs.owner),
         )
         await server.set_serving(False)
         await server.start()
-        self._cleanup.append(lambda: server.stop(1.0))
-        watch = RegistryWatch(url, registry.pool, on_change=server.set_registry_reachable)
+        stack.push_async_callback(server.stop, 1.0)
+        watch = RegistryWatch(
+            parts.url, parts.registry.pool, on_change=server.set_registry_reachable
+        )
         await watch.start()
-        self._cleanup.append(watch.close)
+        stack.push_async_callback(watch.close)
         self.address = s.advertise or server.address
 
-        await self._announce(prune=True)
+    async def _come_online(self) -> None:
+        """Announce this peer, start claiming, start the loops, then serve."""
+        s, parts = self.settings, self._parts
+        assert self.peer_id is not None and parts.registry is not None and parts.view is not None
+        assert parts.placer is not None and parts.store is not None and parts.fabric is not None
+        assert parts.listener is not None and self.runner is not None and self.server is not None
+        registry, store, view, fabric = parts.registry, parts.store, parts.view, parts.fabric
+        self.registration = registration = Registration(
+            registry=registry, peer_id=self.peer_id, region=s.region, capabilities=self.capabilities
+        )
+        await registration.announce(self.address, prune=True)
         await view.start()
-        await runner.start()
-        self._cleanup.append(runner.close)
-        rescuer = Rescuer(
+        await self.runner.start()
+        self._stack.push_async_callback(self.runner.close)
+        rescuer = Rescuer(registry=registry, view=view, placer=parts.placer)
+        pruner = Pruner(
             registry=registry,
-            view=view,
-            dispatch=dispatch,
-            interval_s=max(s.lease_s / 4, 0.2),
             retention=timedelta(seconds=s.job_retention_s) if s.job_retention_s else None,
             sweep_results=lambda: results.sweep(store, registry.jobs.outputs),
+            min_interval_s=max(s.lease_s / 4, 0.2),
         )
         rebalancer = Rebalancer(
             fabric=fabric,
@@ -270,126 +312,25 @@ class Node:
                 str(c.peer_id) for c in view.store_peers(s.region).candidates
             ),
         )
-        self._tasks = [
-            asyncio.create_task(self._heartbeat_loop(), name="peer-heartbeat"),
-            asyncio.create_task(rescuer.run(), name="rescuer"),
-            asyncio.create_task(rescuer.prune_loop(), name="job-pruner"),
-            asyncio.create_task(rebalancer.run(), name="object-rebalancer"),
-            asyncio.create_task(self._queue_notifications(listener), name="queue-notify"),
-        ]
+        loops = self._background
+        loops.start(
+            "peer-heartbeat", every(s.heartbeat_s, registration.heartbeat, what="heartbeat")
+        )
+        loops.start("rescuer", every(max(s.lease_s / 4, 0.2), rescuer.sweep, what="rescue sweep"))
+        loops.start("job-pruner", every(pruner.interval_s, pruner.run_once, what="pruning"))
+        loops.start("object-rebalancer", rebalancer.run())
+        loops.start("queue-notify", self._queue_notifications(parts.listener))
         if self._secret is not None:
-            self._tasks.append(asyncio.create_task(self._token_loop(), name="token-renewal"))
-        await server.set_serving(True)
-        log.info(
-            "peer %s serving on %s (region %s, capabilities %s)",
-            peer_id,
-            self.address,
-            s.region,
-            ", ".join(sorted(capabilities)) or "none",
-        )
+            secret = self._secret
 
-    async def _announce(self, *, prune: bool = False) -> None:
-        """Register this peer and the capabilities it runs (idempotent upserts).
+            async def renew_tokens() -> None:
+                await asyncio.to_thread(write_local_tokens, s, secret)
 
-        With `prune`, rows for capabilities this peer no longer offers are
-        removed: they would attract jobs that nobody here claims.
-        """
-        s, registry, peer_id = self.settings, self.registry, self.peer_id
-        assert registry is not None and peer_id is not None
-        await registry.peers.upsert(
-            peer_id=peer_id, address=self.address, region=s.region, version=__version__
-        )
-        if prune:
-            stale = await registry.capabilities.prune(peer_id, [c.name for c in self.capabilities])
-            if stale:
-                log.warning("no longer offering %s: removed from the registry", ", ".join(stale))
-        for spec in self._own_rows():
-            await registry.capabilities.register(spec)
-
-    def _own_rows(self) -> list[CapabilitySpec]:
-        """The registry rows this peer's capabilities should have."""
-        assert self.peer_id is not None
-        return [
-            CapabilitySpec(
-                peer_id=self.peer_id,
-                region=self.settings.region,
-                capability=cap.name,
-                resources=cap.resources,
-                max_concurrency=cap.max_concurrency,
-                executor=cap.executor_message(),
+            loops.start(
+                "token-renewal",
+                every(TOKEN_CHECK_INTERVAL_S, renew_tokens, what="renewing the local tokens"),
             )
-            for cap in self.capabilities
-        ]
-
-    async def _reassert(self) -> None:
-        """Restore this peer's rows where someone changed or removed them.
-
-        One read per heartbeat; a write (and the membership NOTIFY it causes)
-        only when a row differs, so a tampered row heals within a heartbeat.
-        """
-        assert self.registry is not None and self.peer_id is not None
-        found = {
-            c.capability: c for c in await self.registry.capabilities.find(peer_id=self.peer_id)
-        }
-        for spec in self._own_rows():
-            row = found.get(spec.capability)
-            if row is None or _row_differs(row, spec):
-                log.warning(
-                    "registry row of %s on this peer was changed or removed: restoring it",
-                    spec.capability,
-                )
-                await self.registry.capabilities.register(spec)
-
-    def _peer_bearer(self) -> str | None:
-        if self._secret is None:
-            return None
-        now = time.time()
-        # Renewed well before expiry: a call may sit in a retry loop for minutes.
-        if self._peer_token is None or self._peer_token[1] - now < PEER_TOKEN_TTL_S / 4:
-            token = auth.issue_token(
-                self._secret,
-                sub=f"peer:{self.peer_id}",
-                scopes=[auth.SCOPE_PEER, auth.SCOPE_OBJECT_READ, auth.SCOPE_OBJECT_WRITE],
-                ttl_s=PEER_TOKEN_TTL_S,
-            )
-            self._peer_token = (token, now + PEER_TOKEN_TTL_S)
-        return self._peer_token[0]
-
-    def _peer_store(self, address: str, credentials: grpc.ChannelCredentials | None) -> AnvilClient:
-        """A client of another peer's store; its calls are never forwarded again."""
-
-        def metadata() -> list[tuple[str, str]]:
-            token = self._peer_bearer()
-            bearer = [("authorization", f"Bearer {token}")] if token else []
-            return [*bearer, (FORWARDED_HEADER, "1")]
-
-        return AnvilClient.connect(address, credentials=credentials, metadata=metadata)
-
-    async def _heartbeat_loop(self) -> None:
-        assert self.registry is not None and self.peer_id is not None
-        while True:
-            await asyncio.sleep(self.settings.heartbeat_s)
-            try:
-                await self.registry.peers.heartbeat(self.peer_id)
-                await self._reassert()
-            except NotFound:
-                # The row is gone (deleted by hand, a restored database): announce
-                # this peer again, or it would never be placed on.
-                await self._announce()
-            except AnvilError as exc:
-                log.warning("heartbeat failed: %s", exc)
-            except Exception:
-                log.exception("heartbeat failed")
-
-    async def _token_loop(self) -> None:
-        """Keep client.token and operator.token valid while the peer runs."""
-        assert self._secret is not None
-        while True:
-            await asyncio.sleep(TOKEN_CHECK_INTERVAL_S)
-            try:
-                await asyncio.to_thread(write_local_tokens, self.settings, self._secret)
-            except (OSError, AnvilError) as exc:
-                log.warning("cannot renew the local tokens: %s", exc)
+        await self.server.set_serving(True)
 
     async def _queue_notifications(self, listener: Listener) -> None:
         assert self.runner is not None and self.peer_id is not None
@@ -408,31 +349,26 @@ class Node:
                 await self.registry.peers.set_state(self.peer_id, "draining")
         if self.runner is not None:
             await self.runner.drain(grace)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            except Exception:  # a loop that died must not stop the shutdown
-                log.exception("background task %s had failed", task.get_name())
-        if self.registry is not None and self.peer_id is not None:
+        await self._background.close()
+        if self.registration is not None:
             with contextlib.suppress(AnvilError):
-                await self.registry.capabilities.deregister_peer(self.peer_id)
-                await self.registry.peers.set_state(self.peer_id, "down")
-        while self._cleanup:
-            close = self._cleanup.pop()
-            try:
-                await close()
-            except Exception:
-                log.exception("error while shutting down")
+                await self.registration.leave()
+        try:
+            await self._stack.aclose()
+        except Exception:
+            log.exception("error while shutting down")
 
 
-def _row_differs(row: Capability, spec: CapabilitySpec) -> bool:
-    return (
-        row.region != spec.region
-        or dict(row.resources) != dict(spec.resources)
-        or row.max_concurrency != spec.max_concurrency
-        or dict(row.executor) != dict(spec.executor)
-    )
+def _peer_store(
+    address: str, *, token: PeerToken, credentials: grpc.ChannelCredentials | None
+) -> AnvilClient:
+    """A client of another peer's store; its calls are never forwarded again."""
+
+    def metadata() -> list[tuple[str, str]]:
+        bearer = token()
+        return [
+            *([("authorization", f"Bearer {bearer}")] if bearer else []),
+            (FORWARDED_HEADER, "1"),
+        ]
+
+    return AnvilClient.connect(address, credentials=credentials, metadata=metadata)

@@ -22,6 +22,7 @@ from daemon import config, logs, metrics
 from daemon.config import Settings
 from daemon.exceptions import AnvilError
 from daemon.executors.result import JobExecutor
+from daemon.loops import every
 from daemon.node import Node
 from daemon.storage.fetcher import Fetcher
 from daemon.systemd import Notifier
@@ -93,7 +94,12 @@ async def serve(settings: Settings, notifier: Notifier | None = None) -> None:
         notifier.status("starting: registry, migrations, registration")
         await node.start()
         metrics.PEER.info(
-            {"peer_id": str(node.peer_id), "region": settings.region, "address": node.address}
+            {
+                "peer_id": str(node.peer_id),
+                "region": settings.region,
+                "address": node.address,
+                "hrw_backend": node.hrw_backend,
+            }
         )
         metrics.READY.set(1)
         notifier.ready(f"serving on {node.address} as peer {node.peer_id}")
@@ -143,7 +149,9 @@ async def _watchdog(notifier: Notifier, interval_s: float) -> None:
 async def _report(node: Node, notifier: Notifier) -> None:
     """Keep the queue-depth gauge and the STATUS= line current."""
     last = ""
-    while True:
+
+    async def report() -> None:
+        nonlocal last
         running = node.runner.running_jobs if node.runner else 0
         queued: int | None = None
         if node.registry is not None and node.peer_id is not None:
@@ -161,7 +169,8 @@ async def _report(node: Node, notifier: Notifier) -> None:
         if status != last:
             notifier.status(status)
             last = status
-        await asyncio.sleep(REPORT_INTERVAL_S)
+
+    await every(REPORT_INTERVAL_S, report, what="status report", at_once=True)
 
 
 def run(args: argparse.Namespace) -> int:

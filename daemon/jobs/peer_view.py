@@ -9,14 +9,13 @@ in between, so a burst of submissions does not pile onto one peer.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from collections.abc import Mapping
 
 from daemon import metrics
-from daemon.exceptions import AnvilError
 from daemon.jobs.scheduler import Candidate, CandidateSet, capable
+from daemon.loops import Background, every
 from daemon.registry import Registry
 from daemon.registry.listener import MEMBERSHIP, Listener
 from daemon.registry.models import Capability, Peer
@@ -46,26 +45,24 @@ class PeerView:
         self.loads: dict[uuid.UUID, int] = {}
         # Bumped whenever `loads` is re-read, so candidate sets re-sync their arrays.
         self.loads_version = 0
-        self._tasks: list[asyncio.Task[None]] = []
+        self._background = Background()
         self._changed = asyncio.Event()
 
     async def start(self) -> None:
         await self.refresh()
         await self.refresh_loads()
-        self._tasks = [
-            asyncio.create_task(self._refresh_loop(), name="membership-refresh"),
-            asyncio.create_task(self._load_loop(), name="membership-loads"),
-        ]
+        self._background.start(
+            "membership-refresh",
+            every(self._refresh_s, self.refresh, what="membership refresh", wake=self._changed),
+        )
+        self._background.start(
+            "membership-loads", every(self._load_refresh_s, self.refresh_loads, what="load refresh")
+        )
         if self._listener is not None:
-            self._tasks.append(asyncio.create_task(self._listen(), name="membership-listen"))
+            self._background.start("membership-listen", self._listen())
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        await self._background.close()
 
     async def refresh(self) -> None:
         """Re-read capabilities and liveness; raise AnvilError if the registry is down."""
@@ -115,28 +112,6 @@ class PeerView:
 
     def request_refresh(self) -> None:
         self._changed.set()
-
-    async def _refresh_loop(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), self._refresh_s)
-            self._changed.clear()
-            try:
-                await self.refresh()
-            except AnvilError as exc:
-                log.warning("membership refresh failed: %s", exc)
-            except Exception:
-                log.exception("membership refresh failed unexpectedly")
-
-    async def _load_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._load_refresh_s)
-            try:
-                await self.refresh_loads()
-            except AnvilError as exc:
-                log.warning("load refresh failed: %s", exc)
-            except Exception:
-                log.exception("load refresh failed unexpectedly")
 
     async def _listen(self) -> None:
         assert self._listener is not None

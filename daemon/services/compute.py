@@ -7,21 +7,20 @@ import base64
 import binascii
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import Any
 
 from grpc import aio
 
-from daemon import access, auth, convert, metrics
+from daemon import access, auth, convert
 from daemon.exceptions import (
     DeadlineExceeded,
     InvalidArgument,
-    NoCapablePeer,
 )
 from daemon.executors.podman.executor import check_image_ref
 from daemon.jobs.events import JobEventHub
 from daemon.jobs.peer_view import PeerView
+from daemon.jobs.placer import Placer, Wanted
 from daemon.jobs.scheduler import locality_key
 from daemon.modules import Resolver, pin_module
 from daemon.pb.anvil import compute_pb2, compute_pb2_grpc
@@ -43,13 +42,6 @@ DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class SubmitPolicy:
-    balance: float = 1.25
-    # The operator's ceiling on any job's timeout (max_job_timeout_s); 0: none.
-    max_timeout_ms: int = 0
-
-
 class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
     def __init__(
         self,
@@ -57,16 +49,13 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
         registry: Registry,
         view: PeerView,
         hub: JobEventHub,
-        dispatch: Callable[[uuid.UUID, str, uuid.UUID], None],
-        policy: SubmitPolicy,
+        placer: Placer,
         resolve_module: Resolver,
     ) -> None:
         self._registry = registry
         self._view = view
         self._hub = hub
-        # dispatch(peer_id, address, job_id): wake the chosen peer (local or remote).
-        self._dispatch = dispatch
-        self._policy = policy
+        self._placer = placer
         # Pins a module ref to the version and sha256 its object has now.
         self._resolve_module = resolve_module
 
@@ -168,11 +157,6 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
             parse_ref(ref)  # a malformed ref is refused before anything is written
         claims = auth.current_claims.get()
         access.check_submit(claims, request.capability)
-        if self._policy.max_timeout_ms and request.timeout_ms > self._policy.max_timeout_ms:
-            raise InvalidArgument(
-                f"timeout_ms {request.timeout_ms} is over this fabric's ceiling of "
-                f"{self._policy.max_timeout_ms} ms (max_job_timeout_s)"
-            )
         spec = JobSpec(
             capability=request.capability,
             region=request.region,
@@ -194,17 +178,14 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
         # The guest reads its inputs with its peer's rights: the caller must hold them.
         await access.check_inputs(claims, spec.inputs, self._registry.jobs.owner)
         key = locality_key(explicit=spec.locality_key, inputs=spec.inputs, job_id=job_id)
-        candidates = self._view.candidates(spec.capability, spec.region, spec.resources)
-        if not len(candidates):
-            raise NoCapablePeer(_no_peer_reason(spec))
-        ceiling = candidates.timeout_ceiling_ms()
-        if ceiling and spec.timeout_ms > ceiling:
-            raise InvalidArgument(
-                f"timeout_ms {spec.timeout_ms} is over the {ceiling} ms that capability "
-                f"{spec.capability!r} allows: a job may only lower its capability's timeout"
-            )
-        placement = candidates.place(
-            key, self._view.loads, c=self._policy.balance, loads_version=self._view.loads_version
+        placement = self._placer.choose(
+            Wanted(
+                capability=spec.capability,
+                region=spec.region,
+                resources=spec.resources,
+                timeout_ms=spec.timeout_ms,
+            ),
+            key,
         )
         epoch = self._hub.epoch
         result = await self._registry.jobs.submit(
@@ -213,12 +194,10 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
         job = result.job
         self._hub.publish(job, epoch=epoch)
         if not result.existing:
-            self._view.note_placed(placement.peer_id)
-            metrics.placement_made(
-                spec.capability, rank=placement.rank, saturated=placement.saturated
-            )
-        if job.peer_id is not None and not job.state.terminal:
-            self._dispatch(job.peer_id, placement.address, job.job_id)
+            self._placer.placed(placement, job.job_id, capability=spec.capability)
+        elif job.peer_id is not None and not job.state.terminal:
+            # A concurrent twin was recorded first: wake whoever holds it.
+            self._placer.wake(job.peer_id, placement.address, job.job_id)
         return _submitted(job, existing=result.existing)
 
     async def GetJobStatus(
@@ -283,11 +262,3 @@ def _page_position(token: str) -> tuple[str, uuid.UUID] | None:
         return str(capability), uuid.UUID(peer)
     except (ValueError, TypeError, binascii.Error) as exc:
         raise InvalidArgument("page_token is not one this service gave out") from exc
-
-
-def _no_peer_reason(spec: JobSpec) -> str:
-    needs = f" with resources {dict(spec.resources)}" if spec.resources else ""
-    return (
-        f"no live peer in region {spec.region!r} has registered capability "
-        f"{spec.capability!r}{needs}"
-    )

@@ -1,0 +1,77 @@
+"""Background work: one way to run a step for ever, and one owner for the tasks.
+
+A peer keeps several loops (heartbeat, rescue sweep, pruning, membership and
+load refresh, token renewal, ...). Each is `every(interval, step)`: the step
+runs each turn; a step that raises an AnvilError (the registry is down, a peer
+does not answer) is logged as a warning and tried again next turn, anything
+else is logged with its traceback, and only cancellation ends the loop.
+`Background` starts such tasks and cancels and awaits them all at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from daemon.exceptions import AnvilError
+
+log = logging.getLogger(__name__)
+
+
+async def every(
+    interval_s: float,
+    step: Callable[[], Awaitable[object]],
+    *,
+    what: str,
+    wake: asyncio.Event | None = None,
+    at_once: bool = False,
+) -> None:
+    """Run `step` every `interval_s` seconds (sooner when `wake` is set), for ever.
+
+    `what` names the step in log lines ("rescue sweep"). With `at_once` the
+    first turn runs now, else after the first interval. Never raises but
+    CancelledError.
+    """
+    first = True
+    while True:
+        if not (first and at_once):
+            if wake is None:
+                await asyncio.sleep(interval_s)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), interval_s)
+                wake.clear()
+        first = False
+        try:
+            await step()
+        except AnvilError as exc:
+            log.warning("%s failed: %s", what, exc)
+        except Exception:
+            log.exception("%s failed unexpectedly", what)
+
+
+class Background:
+    """The tasks of one component; `close()` cancels them and waits for each."""
+
+    def __init__(self) -> None:
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    def start(self, name: str, work: Coroutine[Any, Any, object]) -> asyncio.Task[Any]:
+        task = asyncio.create_task(work, name=name)
+        self._tasks.append(task)
+        return task
+
+    async def close(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # a loop that died must not stop a shutdown
+                log.exception("background task %s had failed", task.get_name())
