@@ -40,7 +40,7 @@ from daemon.executors.podman.executor import (
 )
 from daemon.executors.podman.job import PodmanJobExecutor, job_limits
 from daemon.executors.podman.service import PodmanService
-from daemon.executors.result import ExecutionRequest, RunEnd
+from daemon.executors.result import ExecutionRequest, RunEnd, ending
 from daemon.jobs.state import JobState
 from daemon.resources import satisfies
 from daemon.storage.cache import DiskCache
@@ -162,7 +162,7 @@ async def test_example_capability_counts_words(
         )
     finally:
         await job.close()
-    assert outcome.state is JobState.SUCCEEDED, outcome.error
+    assert ending(outcome) == (JobState.SUCCEEDED, ""), outcome.message
     assert (outcome.stdout, outcome.exit_code) == (b"9\n", 0)
 
 
@@ -441,8 +441,9 @@ async def test_memory_hog_is_killed_and_reported_as_memory_limit(
         )
     finally:
         await job.close()
-    assert outcome.state is JobState.FAILED
-    assert outcome.error.startswith("guest hit its memory limit of 32 MiB: the kernel's OOM killer")
+    state, error = ending(outcome)
+    assert state is JobState.FAILED
+    assert error.startswith("guest hit its memory limit of 32 MiB: the kernel's OOM killer")
     assert (outcome.stdout, outcome.exit_code) == (b"", 137)
 
 
@@ -619,8 +620,9 @@ async def test_gpu_capability_gets_the_cdi_devices(
     assert chosen.executor.gpu_devices == ("nvidia.com/gpu=0", "nvidia.com/gpu=1")
     assert payload["netns"] == {"nsmode": "none"} and payload["read_only_filesystem"] is True
     # No GPU and no CDI spec on this host: Podman itself refuses the device, at start.
-    assert outcome.state is JobState.FAILED
-    assert "CDI" in outcome.error and "nvidia.com/gpu=all" in outcome.error, outcome.error
+    state, error = ending(outcome)
+    assert state is JobState.FAILED
+    assert "CDI" in error and "nvidia.com/gpu=all" in error, error
 
     configured = container_spec(
         image_id="0" * 64,
@@ -736,17 +738,19 @@ async def test_a_missing_image_is_loaded_from_its_archive_object(
             await job.executor.resolve_image(image_id)
         # An archive Podman refuses fails the job (not handed back as an outage).
         junked = await job.execute(request(unloadable, "j-junk"))
-        assert junked.state is JobState.FAILED
-        assert "cannot be loaded" in junked.error, junked.error
+        state, error = ending(junked)
+        assert state is JobState.FAILED
+        assert "cannot be loaded" in error, error
         # Three jobs at once find the image missing: it is loaded once, all run.
         outcomes = await asyncio.gather(*(job.execute(request(good, f"j{i}")) for i in range(3)))
-        assert [(o.state, o.stdout) for o in outcomes] == [(JobState.SUCCEEDED, b"9\n")] * 3
+        assert [(ending(o)[0], o.stdout) for o in outcomes] == [(JobState.SUCCEEDED, b"9\n")] * 3
         assert await job.executor.resolve_image(image_id) == image_id.removeprefix("sha256:")
         refused = await job.execute(request(wrong, "j-wrong"))
     finally:
         await job.close()
-    assert refused.state is JobState.FAILED
-    assert "does not hold image" in refused.error
+    state, error = ending(refused)
+    assert state is JobState.FAILED
+    assert "does not hold image" in error
 
 
 def test_an_image_archive_needs_a_pinned_image_and_a_valid_ref() -> None:

@@ -1,127 +1,21 @@
 """The Podman executor: capabilities that are not WASM run as hardened containers.
 
-Operator notes
-==============
-
-Socket. The daemon drives a rootful `podman system service` through its REST
-API (the `podman` package). In production enable systemd's socket unit and
-name it in the config (`podman_socket`, or `ANVIL_PODMAN_SOCKET`); the daemon's
-user (`anvil-compute` under the shipped unit) needs read-write access to it,
-which is root-equivalent: give it to that user alone (e.g. a drop-in for
-podman.socket with `SocketGroup=anvil-compute`, `SocketMode=0660`)::
-
-    systemctl enable --now podman.socket        # rootful: /run/podman/podman.sock
-    podman_socket = "/run/podman/podman.sock"   # config.toml
-
-The daemon and Podman share the host: the daemon reads the container's
-/proc/<pid> and memory cgroup files (world-readable) to check the sandbox
-and to tell an OOM kill from a plain exit 137.
-
-Tests, CI and the benchmark start a private service on a socket in a temp
-folder (`daemon/executors/podman/service.py`). Hosts with a hybrid cgroup
-layout need runc instead of crun, and sandboxes with low hard limits need
-lower default ulimits: `guest_modules/containers/containers.conf`, installed by
-`.ci/install-podman.sh` along with catatonit.
-
-Images are never pulled. A capability names its image by digest, either
-`sha256:<image id>` (the config digest: it survives `podman save`/`podman load`
-between peers) or `NAME@sha256:<manifest digest>`. Bring an image onto a peer
-with `podman load -i FILE` (or `PodmanExecutor.load_image`);
-`guest_modules/containers/build_busybox_image.py` builds the example image.
-
-How a run goes. The container's own process is catatonit's pause process
-(`catatonit -P`, a static binary bind-mounted read-only from the host at
-/.anvil-init; the `catatonit` package, or `PodmanExecutor(init_path=...)`).
-The capability's command (the image's entrypoint, then the command or the
-image's CMD, then the params) runs beside it through the exec API, stdout
-and stderr on one stream, started by anvil-exec (our static helper, shipped
-in the package beside this module and bind-mounted at /.anvil-exec), which
-gives it /input/0 as stdin: conmon 2.1 loses the output of an exec whose
-attached stdin is left unread, so none is attached. When the command exits,
-/output (a tmpfs) is read through the archive API while the container still
-runs, and the container is removed on every path (done, failed, timed out,
-cancelled).
-
-Every run:
-- a user namespace: container ids 0..65535 are host ids 524288.. (`userns`,
-  a `UserNamespace`; pick a range no host user and no /etc/subuid entry
-  uses), and the command runs as 65534:65534 inside, never host root;
-- our own seccomp profile (`seccomp.json` beside this module): an allow-list
-  of the system calls ordinary programs make (Docker's default set for a
-  container without capabilities) less namespace creation (unshare, setns,
-  clone with namespace flags; clone3 answers ENOSYS so C libraries fall back
-  to clone), mount and the new mount API, keyctl, bpf, ptrace,
-  process_vm_*, io_uring, perf_event_open, userfaultfd, modify_ldt; anything
-  else fails with EPERM, calls newer than the list with ENOSYS;
-- network none, read-only rootfs, all capabilities dropped,
-  no-new-privileges, a pids limit, a CPU quota, no swap;
-- the inputs bind-mounted at /input/<i> ro,nosuid,nodev,noexec (input 0 also
-  on stdin); the store's and cache's files are world-readable in folders
-  only the daemon can enter, anything the guest's uid could not read is
-  copied;
-- /output a tmpfs of `output_bytes` plus a page per file (page rounding) with
-  `output_files` + 64 inodes, and /tmp a tmpfs of `tmp_bytes`, both
-  nosuid,nodev,noexec and owned by the guest's uid: the kernel bounds what a
-  guest can write while it runs, and nothing of it touches the disk. The
-  files are copied out (regular files only, mode 0644 less the daemon's
-  umask, at most `output_files` files and `output_bytes` bytes) only when
-  the command exits 0; otherwise nothing of /output is kept;
-- no container log: stdout/stderr come over the exec stream, capped like
-  WASM guests (over the cap the container is killed and the job fails);
-- a wall-clock deadline from the command's start, then SIGKILL.
-Containers carry the labels `anvil-compute.owner` and `anvil-compute.job`;
-`start()` removes the ones a crashed predecessor with the same owner left.
-
-Memory. tmpfs pages are charged to the container's memory cgroup, so its
-limit is the job's memory plus the /output and /tmp sizes: whatever the
-guest keeps in them, its processes still get `memory_bytes`. The other side
-of it: a guest that leaves them empty may use that memory for its processes.
-Budget `max_output_bytes` (default 1 GiB) accordingly when many jobs run at
-once. A run is reported as a memory-limit failure only when the kernel's
-OOM killer killed something in the container (the cgroup's own oom_kill
-counter: Podman's OOMKilled does not see an exec'd process, and on cgroup v1
-not even the container's) and the command failed; a plain `exit 137` is a
-non-zero exit.
-
-Verified, not trusted: after create the container is inspected and the run
-refused (FailedPrecondition, nothing ran) when any limit, the user, the user
-namespace, the seccomp profile, a mount or its flags, or the devices differ
-from what was asked (Podman drops some silently, e.g. rootless on cgroup
-v1). After start, before the command runs, the same is checked against the
-kernel's view of the pause process: its uids, capabilities, no-new-privs,
-seccomp mode, uid/gid maps and mount table (/proc/<pid>). Inspect shows the
-seccomp profile only as Podman's own annotation of it, so anvil-exec checks
-from inside that unshare(0) is refused (Podman's default profile allows it)
-and runs nothing otherwise. A profile of your own (`seccomp_profile=`) must
-refuse unshare too.
-
-GPU. A capability registered with a `gpu` resource (`resources = { gpu = "1" }`)
-gets the CDI devices of `PodmanExecutor(gpu_devices=...)`, by default
-`nvidia.com/gpu=all`; jobs that require `gpu` are placed only on peers that
-registered it (`daemon/resources.py`). CDI names are resolved when the
-container starts, so a host without the CDI spec fails the job with
-"unresolvable CDI devices" (tested here, with no GPU). To verify on a GPU host:
-
-1. `nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml`, then
-   `nvidia-ctk cdi list` shows `nvidia.com/gpu=all`;
-2. `podman run --rm --device nvidia.com/gpu=all --network none --read-only
-   --cap-drop ALL IMAGE nvidia-smi -L` lists the GPUs (IMAGE: any image with
-   `nvidia-smi`, e.g. one built from a CUDA base and `podman load`-ed);
-3. register a capability `[capabilities."gpu:smi"] podman_image = "sha256:…"
-   command = ["nvidia-smi", "-L"] resources = { gpu = "1" }`, submit a job
-   with `resources={"gpu": "1"}` and check that its output lists the GPUs.
+A run: a pause process (catatonit) as the container's PID 1, the capability's
+command started beside it through the exec API by anvil-exec, /output and /tmp
+size-limited tmpfs mounts read through the archive API, the container removed
+on every path. Every hardening setting is checked by inspect (and against the
+kernel's view of the pause process) before the command runs. How to set a
+peer up for it, and every setting of a run: systemd/podman.md.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import re
 import shutil
 import tarfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -132,14 +26,16 @@ from typing import Any, TypeVar
 import podman
 import requests
 import urllib3
-from podman.errors import APIError, DockerException, ImageNotFound, NotFound
+from podman.errors import APIError, DockerException, NotFound
 
 from daemon.exceptions import FailedPrecondition, InvalidArgument, Unavailable
 from daemon.executors import result as results
 from daemon.executors import staging
 from daemon.executors.podman import host as podman_host
+from daemon.executors.podman import images
 from daemon.executors.podman import stream as podman_stream
-from daemon.executors.podman.output import OutputRead, Stopped, read_outputs
+from daemon.executors.podman.images import ImageNotPresent, check_image_ref, explain
+from daemon.executors.podman.output import OutputRead, read_archive
 from daemon.executors.podman.sandbox import (
     EXEC_TARGET,
     SECCOMP_PROFILE,
@@ -174,7 +70,6 @@ DEFAULT_SOCKET = "/run/podman/podman.sock"
 DEFAULT_GPU_DEVICES = ("nvidia.com/gpu=all",)
 LABEL_OWNER = "anvil-compute.owner"
 LABEL_JOB = "anvil-compute.job"
-_DIGEST_REF = re.compile(r"(?:(?P<name>[^@\s]+)@)?sha256:(?P<hex>[0-9a-f]{64})")
 _NAME_UNSAFE = re.compile(r"[^a-zA-Z0-9_.-]")
 _TIMEOUT_HOW = "the container was killed at its wall-clock deadline"
 _REMOVE_ATTEMPTS = 5
@@ -196,31 +91,10 @@ def socket_path(socket: str | Path) -> Path:
     return path
 
 
-class ImageNotPresent(FailedPrecondition):
-    """The pinned image is not in this peer's Podman (and is never pulled)."""
-
-
-def check_image_ref(ref: str) -> tuple[str | None, str]:
-    """(name or None, digest hex) of an image pinned by digest. Raises InvalidArgument."""
-    match = _DIGEST_REF.fullmatch(ref)
-    if match is None:
-        raise InvalidArgument(
-            f"image {ref!r} is not pinned by digest: use 'sha256:<image id>' or "
-            "'NAME@sha256:<manifest digest>'"
-        )
-    return match["name"], match["hex"]
-
-
 def container_name(job_id: str) -> str:
     """A unique, valid container name that shows which job it runs."""
     safe = _NAME_UNSAFE.sub("-", job_id)[:40] or "run"
     return f"anvil-{safe}-{uuid.uuid4().hex[:8]}"
-
-
-def _explain(exc: BaseException) -> str:
-    """Podman's own words for an API error, else the exception's."""
-    explanation = getattr(exc, "explanation", None)
-    return str(explanation or exc).strip() or type(exc).__name__
 
 
 class PodmanExecutor:
@@ -312,9 +186,9 @@ class PodmanExecutor:
         try:
             return await asyncio.to_thread(fn, *args, **kwargs)
         except APIError as exc:
-            raise FailedPrecondition(f"podman refused: {_explain(exc)}") from exc
+            raise FailedPrecondition(f"podman refused: {explain(exc)}") from exc
         except (DockerException, OSError) as exc:
-            raise Unavailable(f"podman at {self.socket}: {_explain(exc)}") from exc
+            raise Unavailable(f"podman at {self.socket}: {explain(exc)}") from exc
 
     async def containers(self) -> list[str]:
         """Names of this owner's containers, whatever their state."""
@@ -332,60 +206,12 @@ class PodmanExecutor:
         Never pulls. Raises InvalidArgument (not pinned), FailedPrecondition
         (not present), Unavailable.
         """
-        image_id, _ = await self._image(ref)
+        image_id, _ = await images.find(self.client, ref, where=str(self.socket))
         return image_id
 
-    async def _image(self, ref: str) -> tuple[str, Mapping[str, Any]]:
-        """(image id, inspected attributes) of `ref`; as `resolve_image`."""
-        _, digest = check_image_ref(ref)
-        try:
-            image = await asyncio.to_thread(self.client.images.get, ref)
-        except (ImageNotFound, NotFound) as exc:
-            raise ImageNotPresent(
-                f"image {ref} is not present on this peer (images are never pulled): "
-                "load it with `podman load -i FILE`, or name its archive in the "
-                "capability's podman_archive"
-            ) from exc
-        except (DockerException, OSError) as exc:
-            raise Unavailable(f"podman at {self.socket}: {_explain(exc)}") from exc
-        image_id = str(image.id).removeprefix("sha256:")
-        digests = {str(image.attrs.get("Digest") or "")} | {
-            str(d).rpartition("@")[2] for d in image.attrs.get("RepoDigests") or []
-        }
-        if digest != image_id and f"sha256:{digest}" not in digests:
-            raise FailedPrecondition(f"image {ref} resolved to {image_id}, whose digest differs")
-        return image_id, image.attrs
-
     async def load_image(self, archive: Path) -> tuple[str, ...]:
-        """`podman load` an image archive (docker or OCI); return the ids of the images in it.
-
-        The archive is streamed, not read into memory. Raises InvalidArgument
-        (unreadable or not an image archive), Unavailable.
-        """
-
-        def load() -> list[str]:
-            with archive.open("rb") as body:
-                response = self.client.api.post(
-                    "/images/load", data=body, headers={"Content-type": "application/x-tar"}
-                )
-            response.raise_for_status()
-            return [str(name) for name in response.json().get("Names") or []]
-
-        try:
-            names = await asyncio.to_thread(load)
-        except FileNotFoundError as exc:
-            raise InvalidArgument(f"image archive {archive} does not exist") from exc
-        except (APIError, DockerException, requests.HTTPError) as exc:
-            # HTTPError is an OSError too, but a refused archive is no outage:
-            # loading it again elsewhere would fail the same way.
-            raise InvalidArgument(f"podman cannot load {archive}: {_explain(exc)}") from exc
-        except OSError as exc:
-            raise Unavailable(f"podman at {self.socket}: {_explain(exc)}") from exc
-        ids = []
-        for name in names:
-            image = await self._call(self.client.images.get, name)
-            ids.append(str(image.id).removeprefix("sha256:"))
-        return tuple(dict.fromkeys(ids))
+        """`podman load` an image archive; the ids of the images in it (images.load)."""
+        return await images.load(self.client, archive, where=str(self.socket))
 
     async def run(
         self,
@@ -421,7 +247,7 @@ class PodmanExecutor:
             podman_host.prepare, output_dir, inputs, self._scratch_dir
         )
         try:
-            image_id, attrs = await self._image(image)
+            image_id, attrs = await images.find(self.client, image, where=str(self.socket))
             config: Mapping[str, Any] = attrs.get("Config") or {}
             argv = guest_argv(config.get("Entrypoint"), config.get("Cmd"), command, pairs)
             spec = container_spec(
@@ -471,9 +297,9 @@ class PodmanExecutor:
                 )
             except (APIError, requests.HTTPError) as exc:
                 # Podman's own refusal at start (e.g. an unresolvable CDI device).
-                return results.crashed(f"podman could not start the container: {_explain(exc)}")
+                return results.crashed(f"podman could not start the container: {explain(exc)}")
             except (DockerException, OSError) as exc:
-                raise Unavailable(f"podman at {self.socket}: {_explain(exc)}") from exc
+                raise Unavailable(f"podman at {self.socket}: {explain(exc)}") from exc
             attrs = await self._api("get", f"/containers/{container_id}/json")
             state: Mapping[str, Any] = attrs.get("State") or {}
             problems = await asyncio.to_thread(podman_host.confinement, state, limits, self.userns)
@@ -598,11 +424,9 @@ class PodmanExecutor:
                 container_id, output_dir if exit_code == 0 else None, limits
             )
         except (APIError, tarfile.TarError) as exc:
-            return results.crashed(f"cannot read /output: {_explain(exc)}")
+            return results.crashed(f"cannot read /output: {explain(exc)}")
         except (DockerException, OSError, urllib3.exceptions.HTTPError) as exc:
-            raise Unavailable(
-                f"cannot read /output through {self.socket}: {_explain(exc)}"
-            ) from exc
+            raise Unavailable(f"cannot read /output through {self.socket}: {explain(exc)}") from exc
         if read.over is not None:
             return replace(results.output_too_large(read.over), exit_code=exit_code)
         if exit_code != 0:
@@ -613,33 +437,13 @@ class PodmanExecutor:
         self, container_id: str, directory: Path | None, limits: ContainerLimits
     ) -> OutputRead:
         """/output of the running container, read (into `directory`, else only counted)."""
-        client, stop = self.client, threading.Event()
-
-        def read() -> OutputRead:
-            response = client.api.get(
-                f"/containers/{container_id}/archive", params={"path": "/output"}, stream=True
-            )
-            try:
-                response.raise_for_status()
-                return read_outputs(
-                    response.raw,
-                    directory,
-                    max_files=limits.output_files,
-                    max_bytes=limits.output_bytes,
-                    stop=stop,
-                )
-            finally:
-                response.close()
-
-        reading = asyncio.ensure_future(asyncio.to_thread(read))
-        try:
-            return await asyncio.shield(reading)
-        except asyncio.CancelledError:
-            # Stop the thread before the caller removes the folder it writes to.
-            stop.set()
-            with contextlib.suppress(Stopped, Exception):
-                await reading
-            raise
+        return await read_archive(
+            self.client,
+            container_id,
+            directory,
+            max_files=limits.output_files,
+            max_bytes=limits.output_bytes,
+        )
 
     async def _api(self, method: str, path: str, body: Any = None) -> Any:
         """The JSON answer of one API call. Raises FailedPrecondition (refused), Unavailable."""
@@ -695,7 +499,7 @@ class PodmanExecutor:
                 return
             except (DockerException, OSError, Unavailable) as exc:
                 if attempt + 1 == _REMOVE_ATTEMPTS:
-                    log.error("cannot remove container %s: %s", name, _explain(exc))
+                    log.error("cannot remove container %s: %s", name, explain(exc))
                 else:
-                    log.debug("removing container %s, again: %s", name, _explain(exc))
+                    log.debug("removing container %s, again: %s", name, explain(exc))
                     await asyncio.sleep(0.1 * (attempt + 1))

@@ -12,6 +12,7 @@ Blocking I/O: call through `asyncio.to_thread`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import tarfile
@@ -19,7 +20,7 @@ import threading
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, BinaryIO
+from typing import IO, Any, BinaryIO
 
 from daemon.executors import result as results
 from daemon.executors.result import OutputFile
@@ -141,3 +142,33 @@ def _copy(
                 raise tarfile.ReadError(f"the stream ended inside /output/{rel}")
             target.write(chunk)
             left -= len(chunk)
+
+
+async def read_archive(
+    client: Any, container_id: str, directory: Path | None, *, max_files: int, max_bytes: int
+) -> OutputRead:
+    """/output of a running container, streamed from Podman's archive API through
+    `read_outputs` in a thread. Cancelling the call stops the thread before it
+    returns, so the caller may remove `directory` at once."""
+    stop = threading.Event()
+
+    def read() -> OutputRead:
+        response = client.api.get(
+            f"/containers/{container_id}/archive", params={"path": "/output"}, stream=True
+        )
+        try:
+            response.raise_for_status()
+            return read_outputs(
+                response.raw, directory, max_files=max_files, max_bytes=max_bytes, stop=stop
+            )
+        finally:
+            response.close()
+
+    reading = asyncio.ensure_future(asyncio.to_thread(read))
+    try:
+        return await asyncio.shield(reading)
+    except asyncio.CancelledError:
+        stop.set()
+        with contextlib.suppress(Stopped, Exception):
+            await reading
+        raise
