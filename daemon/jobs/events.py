@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from daemon.jobs.state import JobState, progress
+from daemon.loops import Background
 from daemon.registry.listener import JOB_EVENTS, RECONNECTED, Listener
 from daemon.registry.models import Job
 
@@ -104,19 +105,15 @@ class JobEventHub:
         # Bumped on every listener reconnect: events may have been missed.
         self.epoch = 0
         self._callbacks: list[Callable[[uuid.UUID, str, int], None]] = []
-        self._task: asyncio.Task[None] | None = None
+        self._background = Background()
 
     async def start(self) -> None:
         ready = asyncio.Event()
-        self._task = asyncio.create_task(self._run(ready), name="job-event-hub")
+        self._background.start("job-event-hub", self._run(ready))
         await ready.wait()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._background.close()
 
     def on_event(self, callback: Callable[[uuid.UUID, str, int], None]) -> None:
         """Call `callback(job_id, state, attempt)` for every job event (must not block).

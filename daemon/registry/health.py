@@ -20,6 +20,7 @@ from typing import Any
 
 import psycopg
 
+from daemon.loops import Background
 from daemon.registry.driver import CONNECT_OPTIONS, Pool
 
 log = logging.getLogger(__name__)
@@ -46,19 +47,15 @@ class RegistryWatch:
         self._interval_s = interval_s
         self._timeout_s = timeout_s
         self._conn: psycopg.AsyncConnection[Any] | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._background = Background()
         self._abandoned: set[asyncio.Task[Any]] = set()
         self.reachable = True
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="registry-watch")
+        self._background.start("registry-watch", self._run())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._background.close()
         for task in list(self._abandoned):
             await task  # each ends within the driver's cancel timeout, and never raises
         await self._drop_connection()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from daemon.loops import Background
 from daemon.registry.driver import CONNECT_OPTIONS
 
 log = logging.getLogger(__name__)
@@ -55,20 +56,16 @@ class Listener:
         self._queue_size = queue_size
         self._retry_s = retry_s
         self._subscribers: dict[str, set[asyncio.Queue[Notification]]] = defaultdict(set)
-        self._task: asyncio.Task[None] | None = None
+        self._background = Background()
         self._connected = asyncio.Event()
 
     async def start(self, *, timeout: float = 10.0) -> None:
         """Connect and begin listening; wait until the first LISTEN is in place."""
-        self._task = asyncio.create_task(self._run(), name="registry-listener")
+        self._background.start("registry-listener", self._run())
         await asyncio.wait_for(self._connected.wait(), timeout)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._background.close()
 
     @contextlib.asynccontextmanager
     async def subscribe(self, channel: str) -> AsyncIterator[asyncio.Queue[Notification]]:
