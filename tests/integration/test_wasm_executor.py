@@ -352,7 +352,7 @@ async def test_the_job_runners_adapter(tmp_path: Path) -> None:
     """WasmJobExecutor as `anvil-compute serve` builds it, fed the runner's request type."""
     from daemon import config
     from daemon.capability_config import CapabilityLimits, LocalCapability
-    from daemon.executors.result import ExecutionRequest
+    from daemon.executors.result import ExecutionRequest, ending
     from daemon.executors.wasm.job import WasmJobExecutor
     from daemon.jobs.state import JobState
 
@@ -380,7 +380,8 @@ async def test_the_job_runners_adapter(tmp_path: Path) -> None:
                     timeout_s=10,
                 )
             )
-            return outcome.state, outcome.error, outcome.stdout
+            state, error = ending(outcome)
+            return state, error, outcome.stdout
 
         state, error, stdout = await execute({"top": "1"})
         assert (state, error) == (JobState.SUCCEEDED, "")
