@@ -238,6 +238,10 @@ class VerifiedTokens:
         self._max = max_entries
         self._claims: dict[str, Claims] = {}
 
+    def __len__(self) -> int:
+        """How many verified tokens are held: never more than `max_entries`."""
+        return len(self._claims)
+
     def verify(self, token: str) -> Claims:
         """Like verify_token, from the cache when possible; raises Unauthenticated."""
         claims = self._claims.get(token)

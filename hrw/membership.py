@@ -217,6 +217,14 @@ class Membership:
         kind = "unweighted" if self._weights is None else "weighted"
         return f"Membership({len(self._peers)} peers, {kind}, backend={self._backend!r})"
 
+    def kernels_in_use(self) -> Literal["jit", "numpy"]:
+        """The kernels its picks run on: "numpy" whatever the backend when the weights
+        span a ratio beyond 1e250 (the JIT kernel's bounds would underflow).
+
+        Loads them first if no pick has yet; raises as `pick` would.
+        """
+        return "jit" if self._get_kernels() is _jit.kernels else "numpy"
+
     def _get_kernels(self) -> _Kernels:
         if self._kernels is None:
             kernels = _kernels_for(self._backend)

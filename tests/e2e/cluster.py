@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.client import ComputeClient
+from tests.eventually import eventually_sync
 
 
 def free_port() -> int:
@@ -79,7 +79,6 @@ def wait_serving(
     log_path: Path,
     credentials: grpc.ChannelCredentials | None = None,
 ) -> None:
-    deadline = time.monotonic() + 60
     channel_cm = (
         grpc.secure_channel(address, credentials)
         if credentials is not None
@@ -87,19 +86,24 @@ def wait_serving(
     )
     with channel_cm as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
+
+        def serving() -> bool:
             if process.poll() is not None:
                 raise RuntimeError(
                     f"peer exited with {process.returncode}:\n{log_path.read_text()[-4000:]}"
                 )
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
             except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise TimeoutError(f"peer at {address} never became SERVING:\n{log_path.read_text()[-4000:]}")
+                return False
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+        try:
+            eventually_sync(serving, timeout=60)
+        except AssertionError:
+            raise TimeoutError(
+                f"peer at {address} never became SERVING:\n{log_path.read_text()[-4000:]}"
+            ) from None
 
 
 class PeerFactory:
@@ -171,14 +175,13 @@ class PeerFactory:
         """Wait until each of `peers` sees all of them as capable in its membership
         view: views follow the registry by NOTIFY, a few milliseconds behind, and a
         test that asserts placement must not race them."""
-        deadline = time.monotonic() + timeout
-        for peer in peers:
-            while (seen := peer.metric("anvil_compute_membership_peers", kind="capable")) < len(
-                peers
-            ):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{peer.address} sees {seen:.0f} of {len(peers)} peers")
-                time.sleep(0.05)
+
+        def each_sees_all() -> bool:
+            seen = [peer.metric("anvil_compute_membership_peers", kind="capable") for peer in peers]
+            assert all(n >= len(peers) for n in seen), f"of {len(peers)} peers, each sees {seen}"
+            return True
+
+        eventually_sync(each_sees_all, timeout=timeout)
 
     def stop_all(self) -> None:
         for peer in self.peers:

@@ -21,6 +21,7 @@ from daemon.jobs.state import JobState
 from daemon.pb.anvil import compute_pb2
 from tests.e2e.cluster import Peer, PeerFactory
 from tests.e2e.guests import REPO, guests_config
+from tests.eventually import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -131,20 +132,20 @@ async def test_watch_sees_queued_running_succeeded(peer: Peer) -> None:
 async def test_queue_depth_shows_jobs_waiting_for_a_slot(peer: Peer) -> None:
     async with peer.client() as client:
         ids = [(await client.submit("test:sleep")).job_id for _ in range(4)]  # one slot
-        deadline = asyncio.get_running_loop().time() + 6
-        deepest = 0.0
-        while asyncio.get_running_loop().time() < deadline and deepest < 2:
-            deepest = max(
-                deepest, await asyncio.to_thread(peer.metric, "anvil_compute_queue_depth")
-            )
-            await asyncio.sleep(0.2)
-        assert deepest >= 2, deepest  # at least two of the three waiting were seen
+
+        async def queue_depth() -> float:
+            return await asyncio.to_thread(peer.metric, "anvil_compute_queue_depth")
+
+        async def two_waiting() -> bool:  # of the three behind the first
+            return await queue_depth() >= 2
+
+        async def none_waiting() -> bool:
+            return await queue_depth() == 0
+
+        await eventually(two_waiting, timeout=6)
         for job_id in ids:
             assert state(await client.wait(job_id)) is JobState.SUCCEEDED
-    deadline = asyncio.get_running_loop().time() + 10
-    while await asyncio.to_thread(peer.metric, "anvil_compute_queue_depth") != 0:
-        assert asyncio.get_running_loop().time() < deadline, "queue depth never went back to 0"
-        await asyncio.sleep(0.2)
+        await eventually(none_waiting, timeout=10)
 
 
 async def test_cancel_queued_never_runs_and_cancel_running_kills(
@@ -334,15 +335,15 @@ async def test_finished_jobs_are_pruned_after_their_retention(
     async with peer.client() as client:
         done = await client.submit("text:wordcount")
         assert state(await client.wait(done.job_id)) is JobState.SUCCEEDED
-        deadline = asyncio.get_running_loop().time() + 30
-        code = None
-        while code is None and asyncio.get_running_loop().time() < deadline:
+
+        async def gone() -> grpc.StatusCode | None:
             try:
                 await client.status(done.job_id)
-                await asyncio.sleep(0.2)
             except aio.AioRpcError as exc:
-                code = exc.code()
-        assert code is grpc.StatusCode.NOT_FOUND, "never pruned"
+                return exc.code()
+            return None
+
+        assert await eventually(gone, timeout=30) is grpc.StatusCode.NOT_FOUND
     # (That jobs which have not ended are never pruned: test_registry_jobs.py.)
     with psycopg.connect(database_url) as conn:
         (events,) = conn.execute(

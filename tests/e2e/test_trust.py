@@ -32,6 +32,7 @@ from daemon.storage.anvil_client import AnvilClient
 from daemon.storage.refs import parse_ref
 from tests.e2e.cluster import Peer, PeerFactory
 from tests.e2e.guests import examples_config, write_guest
+from tests.eventually import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -97,19 +98,6 @@ def token(peers: PeerFactory, sub: str, *scopes: str, tenant: str = "") -> str:
 
 def operator(peer: Peer) -> ComputeClient:
     return ComputeClient(peer.address, token=(peer.data_dir / "operator.token").read_text().strip())
-
-
-async def eventually(check: Any, timeout: float = 30.0) -> Any:
-    """The first truthy result of `await check()` within `timeout` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if loop.time() > deadline:
-            raise AssertionError(f"not true within {timeout} s: {check}")
-        await asyncio.sleep(0.1)
 
 
 def registration(peer_id: str, capability: str, **executor: Any) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from daemon.convert import PROTO_TO_JOB_STATE
 from daemon.jobs.state import JobState
 from tests.e2e.cluster import Peer, PeerFactory, free_port
+from tests.eventually import eventually
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 TEXT = b"the quick brown fox\njumps over the lazy dog\nthe end\n"
@@ -86,14 +86,13 @@ async def test_metrics_after_a_few_jobs_show_the_right_counts(
 
     # A client sees a job end as soon as its result is recorded; the runner
     # counts it and frees its slot (after removing its files) a moment later.
-    deadline = time.monotonic() + 15
-    while True:
-        _, after = await asyncio.to_thread(scrape, address)
-        done = sum(series(after, "anvil_compute_jobs_finished_total").values())
-        running = sum(series(after, "anvil_compute_jobs_running").values())
-        if (done >= 4 and running == 0) or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.2)
+    def settled() -> Samples | None:
+        _, samples = scrape(address)
+        done = sum(series(samples, "anvil_compute_jobs_finished_total").values())
+        running = sum(series(samples, "anvil_compute_jobs_running").values())
+        return samples if done >= 4 and running == 0 else None
+
+    after = await eventually(lambda: asyncio.to_thread(settled), timeout=15)
 
     finished = series(after, "anvil_compute_jobs_finished_total")
     assert finished == {

@@ -47,6 +47,7 @@ from daemon.storage.cache import DiskCache
 from daemon.storage.fetcher import Fetcher
 from daemon.storage.local_store import LocalStore
 from tests.e2e.cluster import PeerFactory
+from tests.eventually import eventually
 from tests.integration.containers import OWNER, TEXT
 
 pytestmark = pytest.mark.podman
@@ -541,12 +542,7 @@ async def test_cancelling_the_run_kills_and_removes_the_container(
     executor: PodmanExecutor, busybox_image: str, tmp_path: Path
 ) -> None:
     task = asyncio.create_task(sh(executor, busybox_image, "sleep 60", tmp_path))
-    for _ in range(600):  # up to 30 s
-        if await _running(executor):
-            break
-        await asyncio.sleep(0.05)
-    else:
-        pytest.fail("the container never started")
+    await eventually(lambda: _running(executor), timeout=30)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -54,6 +54,16 @@ async def expire_leases(registry: Registry) -> None:
         )
 
 
+async def pass_time(registry: Registry, seconds: float) -> None:
+    """Move every job's clock `seconds` on: leases and backoffs end that much sooner."""
+    async with registry.pool.connection() as conn:
+        await conn.execute(
+            "UPDATE jobs SET lease_expires_at = lease_expires_at - make_interval(secs => %(s)s), "
+            "run_after = run_after - make_interval(secs => %(s)s)",
+            {"s": seconds},
+        )
+
+
 @pytest.mark.slow
 async def test_eight_claimers_claim_each_of_2000_jobs_exactly_once(registry: Registry) -> None:
     peer = uuid.uuid4()
@@ -248,7 +258,7 @@ async def test_short_lease_expires_and_renewal_keeps_it(registry: Registry) -> N
     await registry.jobs.claim_next(peer, lease=SHORT_LEASE, limit=2)
     kept = await registry.jobs.renew_leases(peer, [(a.job_id, 1)], lease=LEASE)
     assert kept == {a.job_id}
-    await asyncio.sleep(0.3)
+    await pass_time(registry, 1)
     assert [e.job_id for e in await registry.jobs.find_expired()] == [b.job_id]
 
 
@@ -386,11 +396,14 @@ async def test_a_rescued_job_waits_out_its_backoff(registry: Registry) -> None:
     await registry.jobs.claim(job.job_id, old_peer, lease=LEASE)
     await expire_leases(registry)
     rescued = await registry.jobs.rescue(
-        job.job_id, attempt=1, next_peer_id=new_peer, error="x", backoff=timedelta(seconds=0.4)
+        job.job_id, attempt=1, next_peer_id=new_peer, error="x", backoff=timedelta(seconds=60)
     )
     assert rescued is not None and rescued.run_after > rescued.updated_at
     assert await registry.jobs.claim_next(new_peer, lease=LEASE) == []
-    await asyncio.sleep(0.5)
+    assert await registry.jobs.claim(job.job_id, new_peer, lease=LEASE) is None
+    await pass_time(registry, 59)
+    assert await registry.jobs.claim_next(new_peer, lease=LEASE) == []
+    await pass_time(registry, 2)
     (claimed,) = await registry.jobs.claim_next(new_peer, lease=LEASE)
     assert claimed.attempt == 2
 

@@ -75,12 +75,24 @@ async def test_filter_by_capability_region_resources_and_liveness(registry: Regi
     assert len(await registry.capabilities.find(peer_id=live)) == 2
 
 
+async def silence(registry: Registry, peer: uuid.UUID, seconds: float) -> None:
+    """The peer's last heartbeat, `seconds` further in the past."""
+    async with registry.pool.connection() as conn:
+        await conn.execute(
+            "UPDATE peers SET heartbeat_at = heartbeat_at - make_interval(secs => %s) "
+            "WHERE peer_id = %s",
+            (seconds, peer),
+        )
+
+
 async def test_peer_heartbeat_liveness_and_state(registry: Registry) -> None:
-    reg = Registry(registry.pool, peer_ttl=timedelta(milliseconds=200))
+    reg = Registry(registry.pool, peer_ttl=timedelta(seconds=15))
     peer = uuid.uuid4()
     await reg.peers.upsert(peer_id=peer, address="127.0.0.1:9", region="eu-1", version="1")
     assert (await reg.peers.get(peer)).live
-    await asyncio.sleep(0.3)
+    await silence(reg, peer, 14)
+    assert (await reg.peers.get(peer)).live
+    await silence(reg, peer, 2)
     assert not (await reg.peers.get(peer)).live
     await reg.peers.heartbeat(peer)
     assert [p.peer_id for p in await reg.peers.find(live_only=True)] == [peer]
@@ -157,8 +169,13 @@ async def test_membership_is_announced_only_on_real_changes(
             for _ in range(3):
                 await registry.peers.heartbeat(peer)
                 assert await registry.peers.mark_stale_down() == []
-            await asyncio.sleep(0.3)
-            assert queue.empty(), "heartbeats and no-op sweeps must not announce anything"
+            # Notifications arrive in commit order: had the heartbeats or sweeps
+            # announced anything, it would come before this capability's.
+            await registry.capabilities.register(cap(peer))
+            first = await asyncio.wait_for(queue.get(), 5)
+            assert first.payload == "compute_capabilities", (
+                "heartbeats and no-op sweeps must not announce anything"
+            )
             await registry.peers.set_state(peer, "down")
             assert (await asyncio.wait_for(queue.get(), 5)).payload == "peers"
     finally:

@@ -28,6 +28,7 @@ from daemon.storage.fabric import Fabric
 from daemon.storage.fetcher import Fetcher
 from daemon.storage.local_store import LocalStore
 from daemon.storage.refs import parse_ref
+from tests.eventually import eventually
 from tests.registry_link import RegistryLink
 
 
@@ -47,6 +48,16 @@ class NeverAnswers:
 
     async def close(self) -> None:
         return None
+
+
+async def ended(registry: Registry, job_id: uuid.UUID, *, timeout: float = 10) -> Job:
+    """The job once it is in a terminal state; AssertionError if not within `timeout` s."""
+
+    async def terminal() -> Job | None:
+        job = await registry.jobs.get(job_id)
+        return job if job.state.terminal else None
+
+    return await eventually(terminal, timeout=timeout)
 
 
 @contextlib.asynccontextmanager
@@ -116,11 +127,7 @@ async def test_a_hung_executor_cannot_keep_a_job_running_for_ever(
     async with started_runner(
         registry, database_url, tmp_path, peer=peer, cap=cap, executor=executor
     ):
-        for _ in range(100):
-            final = await registry.jobs.get(job.job_id)
-            if final.state.terminal:
-                break
-            await asyncio.sleep(0.05)
+        final = await ended(registry, job.job_id, timeout=5)
     assert final.state is JobState.TIMED_OUT
     assert "did not finish the job within 0.8 s" in final.error
     assert executor.cancelled == 1, "the hung call was cancelled, so its guest is killed"
@@ -169,13 +176,14 @@ async def test_a_peer_cut_off_from_the_registry_kills_its_guest_before_its_lease
             claimed = await registry.jobs.get(job.job_id)
             assert claimed.state is JobState.RUNNING and claimed.lease_expires_at is not None
             await link.cut()
-            for _ in range(100):
-                if executor.killed_at is not None:
-                    break
-                await asyncio.sleep(0.05)
+
+            def guest_stopped() -> bool:
+                return executor.killed_at is not None
+
+            await eventually(guest_stopped, timeout=5)
     finally:
         await cut_off.close()
-    assert executor.killed_at is not None, "the guest was never stopped"
+    assert executor.killed_at is not None
     latest_expiry = (await registry.jobs.get(job.job_id)).lease_expires_at
     assert latest_expiry is not None
     assert executor.killed_at < latest_expiry.timestamp(), "the guest outlived its lease"
@@ -216,15 +224,6 @@ class SlowFabric(Fabric):
         return await super().put_file(path, bucket=bucket, key=key)
 
 
-async def until_terminal(registry: Registry, job_id: uuid.UUID, timeout: float = 10) -> Job:
-    deadline = time.monotonic() + timeout
-    while True:
-        job = await registry.jobs.get(job_id)
-        if job.state.terminal or time.monotonic() > deadline:
-            return job
-        await asyncio.sleep(0.05)
-
-
 async def test_storing_outputs_counts_against_the_jobs_timeout(
     registry: Registry, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -246,7 +245,7 @@ async def test_storing_outputs_counts_against_the_jobs_timeout(
         executor=LeavesFiles(JobState.SUCCEEDED, 50),  # 50 x 0.2 s to store
         fabric_type=SlowFabric,
     ):
-        final = await until_terminal(registry, job.job_id)
+        final = await ended(registry, job.job_id)
     assert final.state is JobState.TIMED_OUT, final
     assert "storing the job's outputs did not finish within its timeout of 0.5 s" in final.error
     assert final.output_refs == ()
@@ -271,7 +270,7 @@ async def test_nothing_of_a_failed_attempt_is_stored(
         cap=cap,
         executor=LeavesFiles(JobState.FAILED, 3),
     ):
-        final = await until_terminal(registry, job.job_id)
+        final = await ended(registry, job.job_id)
     assert final.state is JobState.FAILED
     assert final.output_refs == ()
     # Its stdout is kept inline, cut to max_inline_output; no object was stored.
@@ -308,7 +307,7 @@ async def test_nested_outputs_keep_their_folders_in_object_keys(
     async with started_runner(
         registry, database_url, tmp_path, peer=peer, cap=cap, executor=LeavesNested()
     ):
-        final = await until_terminal(registry, job.job_id)
+        final = await ended(registry, job.job_id)
     assert final.state is JobState.SUCCEEDED, final.error
     keys = [parse_ref(ref).key for ref in final.output_refs]
     assert keys == [f"{job.job_id}/1/output/a/x", f"{job.job_id}/1/output/b/x"]

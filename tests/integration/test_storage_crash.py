@@ -22,6 +22,7 @@ from daemon.storage.cache import DiskCache
 from daemon.storage.fetcher import Fetcher
 from daemon.storage.local_store import LocalStore
 from daemon.storage.object_service import GRPC_OPTIONS, Context, ObjectServiceServicer
+from tests.eventually import eventually
 
 MiB = 1 << 20
 
@@ -93,12 +94,14 @@ async def kill_mid_download(argv: list[str], directory: Path) -> None:
         sys.executable, *argv, stderr=asyncio.subprocess.PIPE
     )
     try:
-        for _ in range(1500):
-            if process.returncode is not None:
-                break
-            if partial_file_size(process.pid, directory) >= 4 * MiB:
-                break
-            await asyncio.sleep(0.01)
+
+        def ended_or_partly_written() -> bool:
+            return (
+                process.returncode is not None
+                or partial_file_size(process.pid, directory) >= 4 * MiB
+            )
+
+        await eventually(ended_or_partly_written, timeout=15)
         assert process.returncode is None, "the download ended before it could be killed"
         assert partial_file_size(process.pid, directory) >= 4 * MiB
         process.kill()

@@ -246,7 +246,7 @@ async def test_an_interrupted_upload_stores_nothing(client: AnvilClient, peer: P
 
     with pytest.raises(OSError, match="vanished"):
         await client.put(dies_midway(), bucket="b", key="k")
-    await asyncio.sleep(0.2)
+    await peer.server.stop(None)  # returns once its last call handler has ended
     with pytest.raises(ObjectNotFound):
         peer.store.head("b", "k")
     assert [p for p in peer.store.root.rglob("*") if p.is_file() and "sha256" in p.parts] == []

@@ -8,6 +8,7 @@ stops it at start with one line on stderr and exit code 1.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -29,6 +30,7 @@ from daemon.jobs.state import JobState
 from daemon.pb.anvil import compute_pb2, compute_pb2_grpc
 from tests.e2e.cluster import free_port
 from tests.e2e.guests import SLEEP_WAT, write_guest
+from tests.eventually import eventually_sync
 
 
 class NotifySocket:
@@ -38,6 +40,7 @@ class NotifySocket:
         self.sock = sock
         self.address = address  # the NOTIFY_SOCKET value
         self.received: list[tuple[float, dict[str, str]]] = []
+        self._empty_since = 0.0  # a read found nothing waiting from this moment on
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._read, daemon=True)
@@ -46,9 +49,11 @@ class NotifySocket:
     def _read(self) -> None:
         self.sock.settimeout(0.05)
         while not self._stop.is_set():
+            began = time.monotonic()
             try:
                 data = self.sock.recv(4096)
             except TimeoutError:
+                self._empty_since = began
                 continue
             fields = dict(line.split("=", 1) for line in data.decode().splitlines())
             with self._lock:
@@ -62,23 +67,34 @@ class NotifySocket:
         with self._lock:
             return list(self.received)
 
+    def read_all_sent_before(self, moment: float) -> None:
+        """Wait until every datagram sent before `moment` (time.monotonic) has been read:
+        a datagram is queued on this socket when it is sent, so a read that then
+        found nothing started after it was taken."""
+        eventually_sync(lambda: self._empty_since > moment, timeout=5)
+
     def wait_for(
         self, key: str, process: subprocess.Popen[bytes], timeout_s: float
     ) -> tuple[float, dict[str, str]]:
-        """The first message setting `key` (when it arrived, its fields)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            found = [(t, f) for t, f in self.messages() if key in f]
-            if found:
-                return found[0]
-            if process.poll() is not None:
-                time.sleep(0.2)  # what it sent just before exiting
-                if not any(key in f for _, f in self.messages()):
-                    break
-            time.sleep(0.02)
-        raise AssertionError(
-            f"no {key} within {timeout_s} s (exit code {process.poll()}); got {self.messages()}"
-        )
+        """The first message setting `key` (when it arrived, its fields); fails as soon
+        as the process has exited without sending one."""
+
+        def sent() -> tuple[float, dict[str, str]] | None:
+            return next(((t, f) for t, f in self.messages() if key in f), None)
+
+        def sent_or_exited() -> bool:
+            return sent() is not None or process.poll() is not None
+
+        with contextlib.suppress(AssertionError):  # reported below, with what did arrive
+            eventually_sync(sent_or_exited, timeout=timeout_s)
+        if process.poll() is not None:
+            self.read_all_sent_before(time.monotonic())  # what it sent just before exiting
+        found = sent()
+        if found is None:
+            raise AssertionError(
+                f"no {key} within {timeout_s} s (exit code {process.poll()}); got {self.messages()}"
+            )
+        return found
 
     def count(self, key: str) -> int:
         return sum(key in fields for _, fields in self.messages())
@@ -168,9 +184,16 @@ def test_ready_watchdog_and_stopping_reach_the_notify_socket(
         early = [t for t, f in notify_socket.messages() if "WATCHDOG" in f and t < ready_at]
         assert early, "no WATCHDOG=1 while starting"
         assert notify_socket.statuses()[0].startswith("starting"), notify_socket.statuses()
-        time.sleep(max(0.0, ready_at + 1.0 - time.monotonic()))
-        pings = [t for t, f in notify_socket.messages() if "WATCHDOG" in f and t > ready_at]
-        assert len(pings) >= 3, notify_socket.messages()
+
+        def pings_in_the_first_second() -> bool:
+            pings = [
+                t
+                for t, f in notify_socket.messages()
+                if "WATCHDOG" in f and ready_at < t <= ready_at + 1.0
+            ]
+            return len(pings) >= 3
+
+        eventually_sync(pings_in_the_first_second, timeout=ready_at + 1.5 - time.monotonic())
 
         token = (data_dir / "client.token").read_text().strip()
         with grpc.insecure_channel(address) as channel:
@@ -181,10 +204,11 @@ def test_ready_watchdog_and_stopping_reach_the_notify_socket(
                 metadata=(("authorization", f"Bearer {token}"),),
                 timeout=30,
             ).job_id
-            deadline = time.monotonic() + 30
-            while job_state(stub, job_id, token) is not JobState.RUNNING:
-                assert time.monotonic() < deadline, "the job never started"
-                time.sleep(0.05)
+
+            def job_started() -> bool:
+                return job_state(stub, job_id, token) is JobState.RUNNING
+
+            eventually_sync(job_started, timeout=30)
 
             stop_at = time.monotonic()
             process.send_signal(signal.SIGTERM)
@@ -192,16 +216,15 @@ def test_ready_watchdog_and_stopping_reach_the_notify_socket(
             assert stopping["STOPPING"] == "1"
             assert stopping.get("STATUS", "").startswith("draining: 1 job(s) running"), stopping
             # Draining: health says so while the running job finishes.
-            deadline = time.monotonic() + 10
-            while True:
+
+            def health_not_serving() -> bool:
                 reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
-                if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
-                    break
-                assert time.monotonic() < deadline, "health never left SERVING"
-                time.sleep(0.05)
+                return reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+            eventually_sync(health_not_serving, timeout=10)
             assert process.poll() is None, "exited before its running job finished"
         assert process.wait(60) == 0, log_path.read_text()[-3000:]
-        time.sleep(0.3)  # the last datagrams
+        notify_socket.read_all_sent_before(time.monotonic())
         assert notify_socket.statuses()[-1] == "stopped", notify_socket.statuses()
         # The watchdog kept pinging through the drain (the job slept about 2 s of it).
         drain_pings = [t for t, f in notify_socket.messages() if "WATCHDOG" in f and t > stop_at]

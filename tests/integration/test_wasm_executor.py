@@ -15,11 +15,13 @@ import pytest
 import pytest_asyncio
 import test_wasm_guests as guests
 
+from daemon import metrics
 from daemon.exceptions import DigestMismatch, InvalidArgument, Unavailable
 from daemon.executors.result import RunEnd
 from daemon.executors.wasm.executor import WasmExecutor
 from daemon.executors.wasm.limits import Limits
 from daemon.executors.wasm.pool import PoolSettings
+from tests.eventually import eventually
 
 WORDCOUNT = Path(__file__).resolve().parents[2] / "guest_modules/dist/text-wordcount.wasm"
 
@@ -33,12 +35,25 @@ async def executor(tmp_path: Path) -> AsyncIterator[WasmExecutor]:
         yield ex
 
 
-async def wait_for(condition: object, timeout_s: float = 10.0) -> None:
-    assert callable(condition)
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
+def started_guests() -> float:
+    """Guests started in this process so far: a worker reports each start with the
+    cache level that had its module, and the pool counts it."""
+    return sum(
+        metrics.REGISTRY.get_sample_value(
+            "anvil_compute_module_cache_lookups_total", {"level": level}
+        )
+        or 0.0
+        for level in (*metrics.MODULE_CACHE_LEVELS, "unknown")
+    )
+
+
+async def a_guest_started(since: float) -> None:
+    """Wait until a guest started after `since` (a `started_guests()` reading)."""
+
+    def guest_started() -> bool:
+        return started_guests() > since
+
+    await eventually(guest_started, timeout=10)
 
 
 def fresh_dir(path: Path) -> Path:
@@ -159,7 +174,7 @@ async def test_a_worker_killed_mid_run_is_reported_and_replaced(
     executor: WasmExecutor, tmp_path: Path
 ) -> None:
     pool = executor.pool
-    before = pool.pids()
+    since = started_guests()
     task = asyncio.create_task(
         executor.run(
             guests.write_module(tmp_path, guests.sleep(3600)),
@@ -167,8 +182,8 @@ async def test_a_worker_killed_mid_run_is_reported_and_replaced(
             limits=Limits(timeout_s=30),
         )
     )
-    await asyncio.sleep(0.5)  # the guest is asleep in poll_oneoff by now
-    busy = [pid for pid in before if pid not in {w.pid for w in pool._idle}]
+    await a_guest_started(since)  # killed from now on, its run is lost, not retried
+    busy = pool.busy_pids()
     assert len(busy) == 1
     os.kill(busy[0], signal.SIGKILL)
     result = await asyncio.wait_for(task, 10)
@@ -177,7 +192,7 @@ async def test_a_worker_killed_mid_run_is_reported_and_replaced(
     # the test process reaped the child first (asyncio then cannot know it).
     assert f"worker {busy[0]} " in result.message and "while the guest ran" in result.message
     assert "killed by signal 9" in result.message or "status 255" in result.message
-    await wait_for(lambda: pool.replaced == 1 and len(pool.pids()) == 2)
+    await eventually(lambda: pool.replaced == 1 and len(pool.pids()) == 2, timeout=10)
     assert busy[0] not in pool.pids()
     ok = await executor.run(
         guests.write_module(tmp_path, guests.echo()), output_dir=fresh_dir(tmp_path / "o2")
@@ -189,17 +204,18 @@ async def test_an_idle_worker_killed_is_replaced_without_failing_a_job(
     executor: WasmExecutor, tmp_path: Path
 ) -> None:
     pool = executor.pool
-    victim = pool._idle[0].pid  # the next job's worker
+    victim = pool.idle_pids()[0]  # the next job's worker
     os.kill(victim, signal.SIGKILL)
     module = guests.write_module(tmp_path, guests.echo())
     result = await executor.run(module, output_dir=fresh_dir(tmp_path / "o"))
     assert result.outcome is RunEnd.OK, result.message
-    await wait_for(lambda: len(pool.pids()) == 2 and pool.replaced == 1)
+    await eventually(lambda: len(pool.pids()) == 2 and pool.replaced == 1, timeout=10)
     assert victim not in pool.pids()
 
 
 async def test_cancelling_a_run_kills_the_guest(executor: WasmExecutor, tmp_path: Path) -> None:
     pool = executor.pool
+    since = started_guests()
     task = asyncio.create_task(
         executor.run(
             guests.write_module(tmp_path, guests.spin()),
@@ -207,12 +223,13 @@ async def test_cancelling_a_run_kills_the_guest(executor: WasmExecutor, tmp_path
             limits=Limits(timeout_s=60, fuel=10**15),
         )
     )
-    await asyncio.sleep(0.5)
-    busy = [w.pid for w in pool._workers if w not in pool._idle]
+    await a_guest_started(since)
+    busy = pool.busy_pids()
+    assert len(busy) == 1
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await wait_for(lambda: pool.replaced == 1 and len(pool.pids()) == 2)
+    await eventually(lambda: pool.replaced == 1 and len(pool.pids()) == 2, timeout=10)
     assert busy[0] not in pool.pids()
 
 
@@ -267,10 +284,10 @@ async def test_scratch_holds_nothing_staged_after_runs_and_crashes(tmp_path: Pat
                 limits=Limits(timeout_s=30),
             )
         )
-        await wait_for((scratch / f"worker-{victim}" / "input" / "0").exists)
+        await eventually((scratch / f"worker-{victim}" / "input" / "0").exists, timeout=10)
         os.kill(victim, signal.SIGKILL)
         assert (await task).outcome is RunEnd.CRASHED
-        await wait_for(lambda: ex.pool.replaced == 1 and len(ex.pool.pids()) == 1)
+        await eventually(lambda: ex.pool.replaced == 1 and len(ex.pool.pids()) == 1, timeout=10)
         assert not (scratch / f"worker-{victim}").exists()
         assert scratch_contents(scratch) <= AT_REST
     assert list(scratch.iterdir()) == []  # workers that exit remove their own
@@ -311,16 +328,16 @@ async def test_jobs_prefer_a_worker_that_has_their_module(tmp_path: Path) -> Non
         module = guests.write_module(tmp_path, guests.echo("affinity"))
         digest = hashlib.sha256(module.read_bytes()).hexdigest()
         await ex.run(module, output_dir=fresh_dir(tmp_path / "o0"))
-        holder = next(w for w in ex.pool._workers if digest in w.cached)
+        (holder,) = ex.pool.pids_holding(digest)
         for i in range(1, 6):
             await ex.run(
                 guests.write_module(tmp_path, guests.echo(f"other-{i}")),
                 output_dir=fresh_dir(tmp_path / f"x{i}"),
             )
             await ex.run(module, output_dir=fresh_dir(tmp_path / f"o{i}"))
-            assert digest in holder.cached
+            assert holder in ex.pool.pids_holding(digest)
         # Both workers hold it only if affinity failed at least once.
-        assert sum(digest in w.cached for w in ex.pool._workers) == 1
+        assert ex.pool.pids_holding(digest) == [holder]
 
 
 async def test_a_real_toolchain_module_runs(executor: WasmExecutor, tmp_path: Path) -> None:
@@ -380,7 +397,8 @@ async def test_the_job_runners_adapter(tmp_path: Path) -> None:
                     timeout_s=10,
                 )
             )
-            return (*ending(outcome), outcome.stdout)
+            state, error = ending(outcome)
+            return state, error, outcome.stdout
 
         state, error, stdout = await execute({"top": "1"})
         assert (state, error) == (JobState.SUCCEEDED, "")

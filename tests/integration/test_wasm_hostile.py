@@ -18,6 +18,7 @@ from daemon.executors.wasm.executor import WasmExecutor
 from daemon.executors.wasm.guest_run import GuestRun
 from daemon.executors.wasm.limits import MIB, Limits
 from daemon.executors.wasm.pool import PoolSettings
+from tests.eventually import eventually
 
 GRACE_S = 0.5
 
@@ -123,7 +124,7 @@ async def test_sleeping_an_hour_in_poll_oneoff_is_killed_at_a_1s_deadline(
     assert "killed while blocked" in result.message
     assert 1 <= elapsed < 1 + GRACE_S + 1
     await assert_still_serving(executor, tmp_path)
-    await _wait_for(lambda: executor.pool.replaced == replaced + 1)
+    await eventually(lambda: executor.pool.replaced == replaced + 1, timeout=10)
     assert len(executor.pool.pids()) == len(pids)
     assert executor.pool.pids() != pids
 
@@ -307,13 +308,3 @@ async def test_too_many_output_bytes_fail_the_job(executor: WasmExecutor, tmp_pa
     assert "more than 1500 bytes written to /output (max_output_bytes)" in result.message
     assert result.outputs == ()
     assert list((tmp_path / "out").iterdir()) == []
-
-
-async def _wait_for(condition: object, timeout_s: float = 10.0) -> None:
-    import asyncio
-
-    assert callable(condition)
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)

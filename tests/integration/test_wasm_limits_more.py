@@ -226,7 +226,7 @@ async def test_guests_never_block_the_event_loop(tmp_path: Path) -> None:
                 now = time.monotonic()
                 gaps.append(now - last)
                 last = now
-                both_busy += not ex.pool._idle
+                both_busy += not ex.pool.idle_pids()
 
         ticking = asyncio.create_task(ticker())
         try:

@@ -38,6 +38,7 @@ from daemon.executors.wasm.limits import (
     output_fs_inodes,
 )
 from daemon.executors.wasm.pool import PoolSettings
+from tests.eventually import eventually
 
 LIMIT = 16 * MIB
 # Neither fuel nor the deadline ends these guests: only the /output bound can.
@@ -182,7 +183,9 @@ async def test_crossing_then_sleeping_in_a_host_call_ends_within_a_second(
     assert_bytes_exceeded(result, LIMIT)
     assert elapsed < ENDS_WITHIN_S, f"ended {elapsed:.2f} s after it started"
     assert_nothing_left(result, tmp_path)
-    await wait_for(lambda: executor.pool.replaced == replaced + 1 and executor.pool.pids())
+    await eventually(
+        lambda: executor.pool.replaced == replaced + 1 and executor.pool.pids(), timeout=10
+    )
     ok, _ = await run(executor, tmp_path, guests.exit_with(0), Limits(), name="next")
     assert ok.outcome is RunEnd.OK, ok.message
 
@@ -500,13 +503,3 @@ def test_a_worker_refused_its_mount_namespace_does_not_start_and_says_why(
     (line,) = done.stdout.splitlines()  # one line: the pool's Unavailable
     assert line.startswith(f"cannot start a WASM worker: cannot bound /output: {reason}"), line
     assert "RestrictNamespaces=user mnt" in line
-
-
-async def wait_for(condition: object, timeout_s: float = 10.0) -> None:
-    import asyncio
-
-    assert callable(condition)
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)

@@ -1,10 +1,9 @@
 """hrw: ties and near-ties, on crafted peer hashes, against the reference.
 
-Real UUIDs almost never collide, so these tests build a membership from real
-peers and then swap in peer hashes solved for a chosen key: fmix64 is a
-bijection, so any target score can be reached. Peers are sorted first so the
-internal order (UUID bytes) is the given order and "lowest index" = "smallest
-UUID".
+Real UUIDs almost never collide, so these tests build a membership of real
+peers while `peer_hash` answers with hashes solved for a chosen key: fmix64 is
+a bijection, so any target score can be reached. Peers are sorted first so the
+given order is UUID-bytes order and "lowest index" = "smallest UUID".
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Sequence
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -44,13 +44,13 @@ def hash_for_score(target: int, kh: int = KH) -> int:
 def crafted(
     hashes: Sequence[int], weights: Sequence[float] | None, backend: hrw.membership.Backend
 ) -> hrw.Membership:
+    """A membership of real peers, built while each peer hashes to its crafted hash."""
     rng = np.random.default_rng(len(hashes))
     peers = sorted(uuid.UUID(bytes=rng.bytes(16)) for _ in hashes)
-    m = hrw.Membership(peers, weights, backend=backend)
-    assert m._order.tolist() == list(range(len(peers)))
-    m._peer_hashes = np.array(hashes, dtype=np.uint64)
-    m._peer_mixed = numpy_kernels.mix(m._peer_hashes)
-    return m
+    assert peers == sorted(peers, key=lambda p: p.bytes)  # index order = UUID-bytes order
+    crafted_hash = dict(zip(peers, hashes, strict=True))
+    with mock.patch.object(hrw.membership, "peer_hash", crafted_hash.__getitem__):
+        return hrw.Membership(peers, weights, backend=backend)
 
 
 def expected_order(kh: int, hashes: Sequence[int], weights: Sequence[float] | None) -> list[int]:
@@ -202,7 +202,7 @@ def test_extreme_weights(extreme: float) -> None:
     check(hashes, weights)
     # Weight ratios beyond 1e250 would underflow the JIT kernel's bounds: NumPy takes over.
     m = crafted(hashes, weights, "jit")
-    uses_numpy = m._get_kernels() is numpy_kernels
+    uses_numpy = m.kernels_in_use() == "numpy"
     assert uses_numpy == (not 1e-200 < extreme < 1e200)
 
 

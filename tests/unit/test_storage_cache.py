@@ -24,6 +24,7 @@ from daemon.storage.cache import DiskCache
 from daemon.storage.local_store import LocalSource, LocalStore
 from daemon.storage.refs import ObjectRef, parse_ref
 from daemon.storage.source import ObjectInfo, ObjectReader
+from tests.eventually import eventually
 
 MiB = 1 << 20
 
@@ -148,7 +149,7 @@ async def test_concurrent_gets_share_one_transfer(store: LocalStore, cache: Disk
             return sha(obj.path.read_bytes())
 
     tasks = [asyncio.create_task(fetch()) for _ in range(20)]
-    await asyncio.sleep(0.05)
+    await eventually(lambda: source.opens, timeout=10)  # the transfer is held at the gate
     gate.set()
     assert await asyncio.gather(*tasks) == [sha(data)] * 20
     assert source.opens == 1
@@ -168,7 +169,7 @@ async def test_one_cancelled_waiter_does_not_stop_the_others(
             return obj.size
 
     first, second = asyncio.create_task(fetch()), asyncio.create_task(fetch())
-    await asyncio.sleep(0.05)
+    await eventually(lambda: source.opens, timeout=10)
     first.cancel()
     gate.set()
     assert await second == MiB
@@ -189,16 +190,12 @@ async def test_cancelling_every_waiter_abandons_the_download(
             pass
 
     task = asyncio.create_task(fetch())
-    await asyncio.sleep(0.05)
-    assert cache.reserved_bytes == 2 * MiB
+    await eventually(lambda: cache.reserved_bytes == 2 * MiB, timeout=10)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     gate.set()
-    for _ in range(100):
-        if cache.reserved_bytes == 0:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: cache.reserved_bytes == 0, timeout=1)
     assert (cache.used_bytes, cache.reserved_bytes) == (0, 0)
     assert cache_files(cache) == []
 

@@ -16,6 +16,7 @@ import pytest
 from wasmtime import TrapCode
 
 from daemon import exceptions
+from daemon.cli import build_parser
 from daemon.commands import run as run_command
 from daemon.executors import result as results
 from daemon.executors import staging
@@ -511,9 +512,9 @@ def test_cli_exit_status(result: ExecutionResult, status: int) -> None:
     assert run_command.exit_status(result) == status
 
 
-def test_cli_param_parsing() -> None:
-    assert run_command._param("k=v=w") == ("k", "v=w")
-    assert run_command._param("k=") == ("k", "")
+def test_cli_params_split_at_the_first_equals_sign() -> None:
+    args = build_parser().parse_args(["run", "m.wasm", "--param", "k=v=w", "--param", "e="])
+    assert args.params == [("k", "v=w"), ("e", "")]
 
 
 def test_job_limits_take_the_capabilitys_and_the_jobs_values() -> None:

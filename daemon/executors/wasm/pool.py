@@ -170,6 +170,22 @@ class WorkerPool:
         """Process ids of the live workers (for tests and metrics)."""
         return sorted(w.pid for w in self._workers)
 
+    def idle_pids(self) -> list[int]:
+        """Process ids of the workers waiting for a run, in the order runs take them
+        (a run whose module one of them holds takes that one first)."""
+        return [w.pid for w in self._idle]
+
+    def busy_pids(self) -> list[int]:
+        """Process ids of the live workers that hold a run (from its start to its
+        result; it may still be loading its module)."""
+        idle = set(self._idle)
+        return sorted(w.pid for w in self._workers if w not in idle)
+
+    def pids_holding(self, digest: str) -> list[int]:
+        """Process ids of the live workers that hold module `digest` (sha256 hex)
+        compiled in memory, as they last reported it."""
+        return sorted(w.pid for w in self._workers if digest in w.cached)
+
     async def run(self, request: GuestRun) -> ExecutionResult:
         """Run one guest on an idle worker; wait for one if all are busy.
 
