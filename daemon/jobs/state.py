@@ -1,8 +1,8 @@
 """The job state machine: QUEUED -> RUNNING -> one terminal state. Pure, no I/O.
 
-The registry enforces the same rules in SQL (compare-and-set updates and CHECK
-constraints); this module is the readable statement of them and what callers
-use to validate a requested transition before touching the database.
+The registry enforces the rules in SQL (compare-and-set updates and CHECK
+constraints); this module is their readable statement, held to the SQL by
+tests/integration/test_registry_transitions.py.
 """
 
 from __future__ import annotations

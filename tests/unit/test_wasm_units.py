@@ -552,7 +552,7 @@ def test_workers_inherit_no_daemon_secrets() -> None:
 def test_the_daemon_checks_what_a_worker_says_it_left(tmp_path: Path) -> None:
     """Outputs come from a process that ran guest code: only regular files inside
     the output folder pass, with sizes measured on the daemon's side."""
-    from daemon.executors.wasm.executor import _checked_outputs
+    from daemon.executors.wasm.executor import checked_outputs
 
     out = tmp_path / "job.out"
     (out / "sub").mkdir(parents=True)
@@ -563,11 +563,11 @@ def test_the_daemon_checks_what_a_worker_says_it_left(tmp_path: Path) -> None:
     def reported(name: str, size: int = 1) -> tuple[OutputFile, ...]:
         return (OutputFile(name=name, path=Path("/anywhere") / name, size=size),)
 
-    (good,) = _checked_outputs(reported("sub/r.txt", size=0), out)
+    (good,) = checked_outputs(reported("sub/r.txt", size=0), out)
     assert (good.name, good.size, good.path) == ("sub/r.txt", 5, out.resolve() / "sub" / "r.txt")
     for bad in ("../secret", "/etc/passwd", "link", "missing.txt", "sub"):
         with pytest.raises(exceptions.InvalidArgument):
-            _checked_outputs(reported(bad), out)
+            checked_outputs(reported(bad), out)
 
 
 def test_empty_dir_removes_everything_inside_and_follows_no_link(tmp_path: Path) -> None:

@@ -111,14 +111,14 @@ class WasmExecutor:
             return result
         # A worker runs guest code: what it says it left is checked here, on
         # the daemon's side, before any of it is read and stored.
-        outputs = await asyncio.to_thread(_checked_outputs, result.outputs, output_dir)
+        outputs = await asyncio.to_thread(checked_outputs, result.outputs, output_dir)
         checked = with_outputs(result, outputs, limits)
         if not checked.succeeded:  # the worker let through more than the limits
             await asyncio.to_thread(staging.empty_dir, output_dir)
         return checked
 
 
-def _checked_outputs(
+def checked_outputs(
     reported: tuple[results.OutputFile, ...], output_dir: Path
 ) -> tuple[results.OutputFile, ...]:
     """The reported outputs, each a regular file inside `output_dir` (links are not
