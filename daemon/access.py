@@ -52,10 +52,16 @@ def check_submit(claims: Claims | None, capability: str) -> None:
         raise PermissionDenied(f"token for {claims.sub!r} may not submit to {capability!r}")
 
 
-def check_register(claims: Claims | None, peer_id: uuid.UUID) -> None:
-    """Operators register for any peer; a peer only for itself. Raises PermissionDenied."""
+def check_register(claims: Claims | None, peer_id: uuid.UUID | None) -> None:
+    """Operators register for any peer (None: for every peer of a region); a peer
+    only for itself. Raises PermissionDenied."""
     if claims is None or claims.allows(auth.SCOPE_REGISTER):
         return
+    if peer_id is None:
+        raise PermissionDenied(
+            f"token for {claims.sub!r} may not deploy to a whole region: that takes an "
+            "operator token (compute:register)"
+        )
     if claims.peer_id != str(peer_id):
         raise PermissionDenied(
             f"token for {claims.sub!r} may not change the registry rows of peer {peer_id}: "

@@ -2,7 +2,8 @@
 
 ```toml
 [capabilities."text:wordcount"]
-wasm = "/opt/anvil/text-wordcount.wasm"   # a path on this peer, or an object ref
+wasm = "/opt/anvil/text-wordcount.wasm"   # a path on this peer, an object ref,
+                                          # or builtin:text-wordcount (an example)
 sha256 = "…"                              # optional: expected module digest
 max_concurrency = 4
 resources = { memory_mib = "512" }
@@ -118,6 +119,40 @@ class LocalCapability:
         return {self.kind: body}
 
 
+def from_registered(
+    name: str, executor: Mapping[str, Any], *, max_concurrency: int, resources: Mapping[str, str]
+) -> LocalCapability:
+    """The capability a deployed registry row describes (the inverse of
+    `executor_message`). Raises InvalidArgument for an executor it cannot run."""
+    for kind in ("wasm", "podman"):
+        body = executor.get(kind)
+        if isinstance(body, Mapping):
+            break
+    else:
+        raise InvalidArgument(f"capability {name!r}: its executor names neither wasm nor podman")
+    raw = body.get("limits") or {}
+    try:
+        limits = CapabilityLimits(
+            **{
+                k: int(raw.get(k, 0))
+                for k in ("timeout_ms", "fuel", "memory_mib", "cpu_millis", "pids")
+            }
+        )
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"capability {name!r}: bad limits {dict(raw)!r}") from exc
+    return LocalCapability(
+        name=name,
+        kind=kind,
+        module=str(body.get("module_ref", "")),
+        module_sha256=str(body.get("module_sha256", "")),
+        image=str(body.get("image", "")),
+        command=tuple(str(c) for c in body.get("command") or ()),
+        max_concurrency=max_concurrency,
+        resources=dict(resources),
+        limits=limits,
+    )
+
+
 def _int(name: str, key: str, value: Any, *, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"capabilities.{name!r}.{key}: expected an integer >= {minimum}")
@@ -163,7 +198,7 @@ def parse_capability(name: str, table: Mapping[str, Any]) -> LocalCapability:
     return LocalCapability(
         name=name,
         kind="wasm" if has_wasm else "podman",
-        module=str(table.get("wasm", "")),
+        module=builtin_module(name, str(table.get("wasm", ""))),
         module_sha256=str(table.get("sha256", "")),
         image=str(table.get("podman_image", "")),
         image_archive=str(archive),
@@ -178,6 +213,24 @@ def parse_capabilities(value: Any) -> tuple[LocalCapability, ...]:
     if not isinstance(value, Mapping):
         raise ValueError("expected a table of capability tables")
     return tuple(parse_capability(name, table) for name, table in value.items())
+
+
+BUILTIN_PREFIX = "builtin:"
+
+
+def builtin_module(capability: str, module: str) -> str:
+    """`builtin:text-wordcount` names an example module shipped with the package (its
+    path); anything else is returned as it is. Raises ConfigError for an unknown one."""
+    if not module.startswith(BUILTIN_PREFIX):
+        return module
+    name = module[len(BUILTIN_PREFIX) :]
+    known = {file.removesuffix(".wasm"): file for file in EXAMPLE_MODULES.values()}
+    if name not in known:
+        raise ConfigError(
+            f"capabilities.{capability!r}.wasm: no builtin module {name!r} "
+            f"(there are {', '.join(BUILTIN_PREFIX + k for k in sorted(known))})"
+        )
+    return str(examples_dir() / known[name])
 
 
 def examples_dir() -> Path:

@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "daemon.commands.run",
     "daemon.commands.migrate",
     "daemon.commands.token",
+    "daemon.commands.deploy",
 )
 
 

@@ -20,15 +20,18 @@ from daemon.storage.source import ObjectInfo
 INPUT_BUCKET = "inputs"
 
 
-def find_token(explicit: str | None, data_dir: Path | None) -> str | None:
-    """--token, else $ANVIL_TOKEN, else DATA_DIR/client.token if readable."""
+def find_token(
+    explicit: str | None, data_dir: Path | None, *, file: str = "client.token"
+) -> str | None:
+    """--token, else $ANVIL_TOKEN, else DATA_DIR/<file> (client.token; operator.token
+    for operators' commands) if readable."""
     if explicit:
         return explicit
     if os.environ.get("ANVIL_TOKEN"):
         return os.environ["ANVIL_TOKEN"]
     if data_dir is not None:
         try:
-            return (data_dir / "client.token").read_text().strip() or None
+            return (data_dir / file).read_text().strip() or None
         except OSError:
             return None
     return None
@@ -163,14 +166,59 @@ class ComputeClient:
     async def capabilities(
         self, capability: str = "", region: str = "", live_only: bool = False
     ) -> list[compute_pb2.Capability]:
-        response = await self.stub.ListCapabilities(
-            compute_pb2.ListCapabilitiesRequest(
-                capability=capability, region=region, live_only=live_only
+        """Every registered row matching the filters (all pages)."""
+        found: list[compute_pb2.Capability] = []
+        page_token = ""
+        while True:
+            response = await self.stub.ListCapabilities(
+                compute_pb2.ListCapabilitiesRequest(
+                    capability=capability,
+                    region=region,
+                    live_only=live_only,
+                    page_size=1000,
+                    page_token=page_token,
+                ),
+                metadata=self.metadata,
+                timeout=30,
+            )
+            found += response.capabilities
+            page_token = response.next_page_token
+            if not page_token:
+                return found
+
+    async def deploy(
+        self,
+        capability: str,
+        executor: compute_pb2.Executor,
+        *,
+        peer_id: str = "",
+        region: str = "",
+        max_concurrency: int = 1,
+        resources: Mapping[str, str] | None = None,
+    ) -> compute_pb2.Capability:
+        """RegisterCapability: to one peer, or with no peer_id to every peer of the region."""
+        response = await self.stub.RegisterCapability(
+            compute_pb2.RegisterCapabilityRequest(
+                peer_id=peer_id,
+                region=region,
+                capability=capability,
+                max_concurrency=max_concurrency,
+                resources=dict(resources or {}),
+                executor=executor,
+            ),
+            metadata=self.metadata,
+            timeout=120,
+        )
+        return response.capability
+
+    async def undeploy(self, capability: str, *, peer_id: str = "", region: str = "") -> None:
+        await self.stub.DeregisterCapability(
+            compute_pb2.DeregisterCapabilityRequest(
+                peer_id=peer_id, capability=capability, region=region
             ),
             metadata=self.metadata,
             timeout=30,
         )
-        return list(response.capabilities)
 
     async def upload(self, path: Path, *, bucket: str = INPUT_BUCKET) -> str:
         """Store a local file on the peer; return its ref with the digest."""

@@ -71,7 +71,9 @@ def executor_from_dict(data: dict[str, Any]) -> compute_pb2.Executor:
         raise InvalidArgument(f"bad executor description: {exc}") from exc
 
 
-def capability_message(cap: Capability) -> compute_pb2.Capability:
+def capability_message(
+    cap: Capability, *, queued: int = 0, running: int = 0
+) -> compute_pb2.Capability:
     return compute_pb2.Capability(
         peer_id=str(cap.peer_id),
         region=cap.region,
@@ -80,4 +82,8 @@ def capability_message(cap: Capability) -> compute_pb2.Capability:
         max_concurrency=cap.max_concurrency,
         executor=executor_from_dict(dict(cap.executor)),
         peer_live=cap.peer_live,
+        status=cap.status,
+        source=cap.source,
+        queued_jobs=queued,
+        running_jobs=running,
     )

@@ -16,11 +16,18 @@ from pathlib import Path
 
 from daemon.capability_config import LocalCapability
 from daemon.exceptions import AnvilError, FailedPrecondition, InvalidArgument
+from daemon.executors.wasm.validate import check_module_file
 from daemon.storage.digest import sha256_file
+from daemon.storage.fetcher import Fetcher
 from daemon.storage.refs import ObjectRef, Scheme, parse_ref, validate_sha256
 
 # Resolves an object ref to the same ref pinned by version and sha256.
 Resolver = Callable[[ObjectRef], Awaitable[ObjectRef]]
+# Checks that a pinned module can run; raises InvalidModule / DigestMismatch /
+# the fetch's errors.
+ModuleCheck = Callable[[str], Awaitable[None]]
+# Checking a module compiles it; a module this slow to compile is refused.
+CHECK_TIMEOUT_S = 60.0
 
 
 def is_object_ref(module: str) -> bool:
@@ -101,3 +108,21 @@ async def pin_capabilities(
         )
         pinned.append(dataclasses.replace(cap, module=module, module_sha256=digest))
     return tuple(pinned)
+
+
+async def check_fetched(fetcher: Fetcher, ref: str) -> None:
+    """Fetch a pinned module through the verified cache and check that a WASM worker
+    will run it (a WASI preview 1 command importing nothing else).
+
+    Raises InvalidModule, DigestMismatch, ObjectNotFound, Unavailable, and
+    FailedPrecondition when compiling it takes longer than CHECK_TIMEOUT_S.
+    """
+    async with fetcher.open(ref) as obj:
+        try:
+            await asyncio.wait_for(
+                asyncio.to_thread(check_module_file, obj.path, obj.sha256), CHECK_TIMEOUT_S
+            )
+        except TimeoutError:
+            raise FailedPrecondition(
+                f"module {ref} took longer than {CHECK_TIMEOUT_S:g} s to compile"
+            ) from None

@@ -26,7 +26,8 @@ import hrw
 from daemon import auth
 from daemon.capability_config import LocalCapability
 from daemon.config import Settings
-from daemon.exceptions import AnvilError, ConfigError
+from daemon.deployer import Deployer
+from daemon.exceptions import AnvilError, ConfigError, FailedPrecondition
 from daemon.executors.result import JobExecutor
 from daemon.jobs.dispatch import PeerLinks
 from daemon.jobs.events import JobEventHub
@@ -37,7 +38,7 @@ from daemon.jobs.rescuer import Rescuer
 from daemon.jobs.runner import Runner, RunnerOptions
 from daemon.local_tokens import TOKEN_CHECK_INTERVAL_S, PeerToken, write_local_tokens
 from daemon.loops import Background, every
-from daemon.modules import pin_capabilities
+from daemon.modules import check_fetched, pin_capabilities
 from daemon.registration import Registration
 from daemon.registry import Registry
 from daemon.registry.embedded import EmbeddedPostgres
@@ -56,6 +57,9 @@ from daemon.storage.local_store import LocalStore
 from daemon.storage.rebalance import Rebalancer
 
 log = logging.getLogger(__name__)
+
+# Deployments are followed on NOTIFY; this poll is the backstop.
+DEPLOY_POLL_S = 2.0
 
 
 def load_or_create_peer_id(data_dir: Path) -> uuid.UUID:
@@ -104,6 +108,9 @@ class Node:
         self.runner: Runner | None = None
         self.registry: Registry | None = None
         self.registration: Registration | None = None
+        self.deployer: Deployer | None = None
+        self._executor_kinds: frozenset[str] = frozenset()
+        self._deploy_wake = asyncio.Event()
         self.hrw_backend = ""
         self._secret: bytes | None = None
         # This peer's capabilities, their modules pinned (set by start()).
@@ -210,6 +217,7 @@ class Node:
         executors = await self._executor_factory(s, parts.fetcher)
         for executor in executors.values():
             stack.push_async_callback(executor.close)
+        self._executor_kinds = frozenset(executors)
         self.runner = runner = Runner(
             registry=parts.registry,
             peer_id=self.peer_id,
@@ -270,6 +278,8 @@ class Node:
                 hub=parts.hub,
                 placer=parts.placer,
                 resolve_module=functools.partial(pin, parts.fetcher),
+                check_module=functools.partial(check_fetched, parts.fetcher),
+                region=s.region,
             ),
             peer=PeerService(peer_id=self.peer_id, region=s.region, worker=self.runner),
             objects=FabricObjectService(parts.fabric, owner_of=parts.registry.jobs.owner),
@@ -295,9 +305,23 @@ class Node:
             registry=registry, peer_id=self.peer_id, region=s.region, capabilities=self.capabilities
         )
         await registration.announce(self.address, prune=True)
+        assert parts.fetcher is not None
+        runner = self.runner
+        self.deployer = deployer = Deployer(
+            registry=registry,
+            peer_id=self.peer_id,
+            region=s.region,
+            config=self.capabilities,
+            kinds=self._executor_kinds,
+            check_module=functools.partial(check_fetched, parts.fetcher),
+            apply=runner.set_capabilities,
+        )
+        # What was deployed to this peer (or its region) before it started runs
+        # again, checked, before it takes any job.
+        await deployer.sync()
         await view.start()
-        await self.runner.start()
-        self._stack.push_async_callback(self.runner.close)
+        await runner.start()
+        self._stack.push_async_callback(runner.close)
         rescuer = Rescuer(registry=registry, view=view, placer=parts.placer)
         pruner = Pruner(
             registry=registry,
@@ -319,6 +343,13 @@ class Node:
         loops.start("rescuer", every(max(s.lease_s / 4, 0.2), rescuer.sweep, what="rescue sweep"))
         loops.start("job-pruner", every(pruner.interval_s, pruner.run_once, what="pruning"))
         loops.start("object-rebalancer", rebalancer.run())
+        loops.start(
+            "deployments",
+            every(
+                DEPLOY_POLL_S, deployer.sync, what="following deployments", wake=self._deploy_wake
+            ),
+        )
+        loops.start("deploy-notify", self._membership_news(parts.listener))
         loops.start("queue-notify", self._queue_notifications(parts.listener))
         if self._secret is not None:
             secret = self._secret
@@ -331,6 +362,34 @@ class Node:
                 every(TOKEN_CHECK_INTERVAL_S, renew_tokens, what="renewing the local tokens"),
             )
         await self.server.set_serving(True)
+
+    async def _membership_news(self, listener: Listener) -> None:
+        """Capabilities deployed, undeployed or re-checked: follow them at once."""
+        async with listener.subscribe(MEMBERSHIP) as queue:
+            while True:
+                await queue.get()
+                self._deploy_wake.set()
+
+    async def reload_capabilities(self, capabilities: tuple[LocalCapability, ...]) -> None:
+        """Run the capabilities of a re-read config from now on (SIGHUP): pinned,
+        announced (rows the config no longer names are pruned), claimed. Raises
+        AnvilError, and then nothing changed."""
+        parts = self._parts
+        if self.registration is None or self.deployer is None or parts.fetcher is None:
+            raise FailedPrecondition("the peer has not started")
+        pinned = await pin_capabilities(capabilities, functools.partial(pin, parts.fetcher))
+        kinds = {c.kind for c in pinned} - self._executor_kinds
+        if kinds:
+            raise FailedPrecondition(
+                f"the new config needs a {', '.join(sorted(kinds))} executor this peer did not "
+                "start with: restart it"
+            )
+        self.capabilities = pinned
+        self.registration.capabilities = pinned
+        self.deployer.config = pinned
+        await self.registration.announce(self.address, prune=True)
+        await self.deployer.sync()
+        log.info("reloaded capabilities: %s", ", ".join(c.name for c in pinned) or "none")
 
     async def _queue_notifications(self, listener: Listener) -> None:
         assert self.runner is not None and self.peer_id is not None

@@ -32,7 +32,7 @@ class Registration:
         self._registry = registry
         self._peer_id = peer_id
         self._region = region
-        self._capabilities = capabilities
+        self.capabilities = capabilities
         self.address = ""
 
     async def announce(self, address: str, *, prune: bool = False) -> None:
@@ -46,7 +46,7 @@ class Registration:
             peer_id=self._peer_id, address=address, region=self._region, version=__version__
         )
         if prune:
-            keep = [c.name for c in self._capabilities]
+            keep = [c.name for c in self.capabilities]
             stale = await self._registry.capabilities.prune(self._peer_id, keep)
             if stale:
                 log.warning("no longer offering %s: removed from the registry", ", ".join(stale))
@@ -93,7 +93,7 @@ class Registration:
                 max_concurrency=cap.max_concurrency,
                 executor=cap.executor_message(),
             )
-            for cap in self._capabilities
+            for cap in self.capabilities
         ]
 
 

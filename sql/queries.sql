@@ -11,11 +11,20 @@ ON CONFLICT (peer_id, capability) DO UPDATE
 RETURNING *;
 
 -- name: upsert_capability_executor
-INSERT INTO capability_executors (peer_id, capability, executor)
-VALUES (%(peer_id)s, %(capability)s, %(executor)s)
+INSERT INTO capability_executors (peer_id, capability, executor, source, status)
+VALUES (%(peer_id)s, %(capability)s, %(executor)s, %(source)s, %(status)s)
 ON CONFLICT (peer_id, capability) DO UPDATE
-    SET executor = EXCLUDED.executor, registered_at = now()
-RETURNING executor;
+    SET executor = EXCLUDED.executor, source = EXCLUDED.source, status = EXCLUDED.status,
+        registered_at = now()
+RETURNING executor, source, status;
+
+-- name: set_capability_status
+-- The peer's verdict on a deployed row, for the executor it checked: a row
+-- re-deployed meanwhile (another executor) keeps its own 'pending'.
+UPDATE capability_executors SET status = %(status)s
+WHERE peer_id = %(peer_id)s AND capability = %(capability)s AND executor = %(executor)s
+  AND status IS DISTINCT FROM %(status)s
+RETURNING status;
 
 -- name: delete_capability
 DELETE FROM compute_capabilities
@@ -23,21 +32,64 @@ WHERE peer_id = %(peer_id)s AND capability = %(capability)s
 RETURNING peer_id;
 
 -- name: delete_peer_capabilities
-DELETE FROM compute_capabilities WHERE peer_id = %(peer_id)s;
+-- A stopping peer removes the rows it writes again at start (config and
+-- fleet); rows deployed to it stay, and its next start runs them again.
+DELETE FROM compute_capabilities c
+USING capability_executors e
+WHERE c.peer_id = %(peer_id)s AND e.peer_id = c.peer_id AND e.capability = c.capability
+  AND e.source <> 'deployed';
 
 -- name: prune_peer_capabilities
--- At start: rows this peer registered earlier but no longer offers would
--- attract jobs it never claims.
-DELETE FROM compute_capabilities
-WHERE peer_id = %(peer_id)s AND NOT (capability = ANY(%(keep)s))
+-- At start: config rows of capabilities this peer no longer offers would
+-- attract jobs it never claims. Deployed rows are not the config's to prune.
+DELETE FROM compute_capabilities c
+USING capability_executors e
+WHERE c.peer_id = %(peer_id)s AND e.peer_id = c.peer_id AND e.capability = c.capability
+  AND e.source = 'config' AND NOT (c.capability = ANY(%(keep)s))
+RETURNING c.capability;
+
+-- name: upsert_fleet_deployment
+INSERT INTO fleet_deployments (region, capability, resources, max_concurrency, executor)
+VALUES (%(region)s, %(capability)s, %(resources)s, %(max_concurrency)s, %(executor)s)
+ON CONFLICT (region, capability) DO UPDATE
+    SET resources = EXCLUDED.resources, max_concurrency = EXCLUDED.max_concurrency,
+        executor = EXCLUDED.executor, deployed_at = now()
+RETURNING *;
+
+-- name: delete_fleet_deployment
+DELETE FROM fleet_deployments
+WHERE region = %(region)s AND capability = %(capability)s
 RETURNING capability;
+
+-- name: delete_fleet_rows
+-- Every peer's row of a fleet deployment (or, with a peer, that peer's alone).
+DELETE FROM compute_capabilities c
+USING capability_executors e
+WHERE e.peer_id = c.peer_id AND e.capability = c.capability AND e.source = 'fleet'
+  AND c.region = %(region)s AND c.capability = %(capability)s
+  AND (%(peer_id)s::uuid IS NULL OR c.peer_id = %(peer_id)s)
+RETURNING c.peer_id;
+
+-- name: list_fleet_deployments
+SELECT * FROM fleet_deployments
+WHERE (%(region)s::text IS NULL OR region = %(region)s)
+ORDER BY region, capability;
+
+-- name: capability_loads
+-- Jobs queued and running per (peer, capability), for ListCapabilities.
+SELECT peer_id, capability,
+       count(*) FILTER (WHERE state = 'queued') AS queued,
+       count(*) FILTER (WHERE state = 'running') AS running
+FROM jobs
+WHERE state IN ('queued', 'running') AND peer_id = ANY(%(peer_ids)s::uuid[])
+GROUP BY peer_id, capability;
 
 -- name: list_capabilities
 -- Capabilities in (capability, peer_id) order, filtered; a page of them after
 -- the last row of the previous page (keyset paging: no row is skipped or
 -- repeated when rows come and go between pages), or all with a NULL limit.
 SELECT c.peer_id, c.region, c.capability, c.resources, c.max_concurrency,
-       e.executor, p.address,
+       e.executor, e.source, e.status, p.address,
        (p.state = 'up' AND p.heartbeat_at > clock_timestamp() - %(ttl)s) AS peer_live
 FROM compute_capabilities c
 LEFT JOIN capability_executors e USING (peer_id, capability)

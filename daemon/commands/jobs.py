@@ -185,10 +185,18 @@ async def _cancel(client: ComputeClient, args: argparse.Namespace) -> int:
 
 
 async def _capabilities(client: ComputeClient, args: argparse.Namespace) -> int:
-    for cap in await client.capabilities(args.capability, args.region, args.live):
-        live = "live" if cap.peer_live else "down"
+    rows = await client.capabilities(args.capability, args.region, args.live)
+    print(
+        f"{'CAPABILITY':<24} {'REGION':<10} {'PEER':<36} {'LIVE':<4} {'STATUS':<8} "
+        f"{'SOURCE':<8} {'MAX':>4} {'RUN':>4} {'QUEUED':>6}"
+    )
+    for cap in rows:
+        live = "yes" if cap.peer_live else "no"
+        status = cap.status if len(cap.status) <= 8 else "failed"
         print(
-            f"{cap.capability:<24} {cap.region:<10} {cap.peer_id} {live} "
-            f"max_concurrency={cap.max_concurrency}"
+            f"{cap.capability:<24} {cap.region:<10} {cap.peer_id:<36} {live:<4} {status:<8} "
+            f"{cap.source:<8} {cap.max_concurrency:>4} {cap.running_jobs:>4} {cap.queued_jobs:>6}"
         )
+        if cap.status.startswith("failed"):
+            print(f"  {cap.status}")
     return 0

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +70,16 @@ async def build_executors(settings: Settings, fetcher: Fetcher) -> Mapping[str, 
     return executors
 
 
-async def serve(settings: Settings, notifier: Notifier | None = None) -> None:
-    """Run one peer until SIGTERM/SIGINT, then drain; raise AnvilError if it cannot start."""
+async def serve(
+    settings: Settings,
+    notifier: Notifier | None = None,
+    reload: Callable[[], Settings] | None = None,
+) -> None:
+    """Run one peer until SIGTERM/SIGINT, then drain; raise AnvilError if it cannot start.
+
+    On SIGHUP (`systemctl reload`), `reload()` re-reads the settings and the
+    peer runs their capabilities from then on; other settings need a restart.
+    """
     notifier = notifier or Notifier()
     # Bound first: a taken metrics port fails the start before any migration runs.
     metrics_server = (
@@ -84,6 +92,15 @@ async def serve(settings: Settings, notifier: Notifier | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+    if reload is not None:
+
+        def on_sighup() -> None:
+            task = asyncio.create_task(_reload(node, reload, notifier), name="reload")
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
     watchdog = (
         asyncio.create_task(_watchdog(notifier, notifier.watchdog_s), name="systemd-watchdog")
         if notifier.watchdog_s
@@ -139,6 +156,18 @@ async def serve(settings: Settings, notifier: Notifier | None = None) -> None:
             notifier.status("stopped")
 
 
+async def _reload(node: Node, reload: Callable[[], Settings], notifier: Notifier) -> None:
+    """Re-read the config's capabilities; a bad config keeps the running ones."""
+    notifier.notify(reloading="1")
+    try:
+        settings = await asyncio.to_thread(reload)
+        await node.reload_capabilities(settings.capabilities)
+    except AnvilError as exc:
+        log.error("reload refused, still running the capabilities from before: %s", exc)
+    finally:
+        notifier.notify(ready="1")
+
+
 async def _watchdog(notifier: Notifier, interval_s: float) -> None:
     """WATCHDOG=1 every interval, from the event loop: a blocked loop stops the pings."""
     while True:
@@ -177,21 +206,25 @@ def run(args: argparse.Namespace) -> int:
     logs.setup(args.log_level or "info")
     notifier = Notifier()
     try:
-        settings = config.load(
-            config_file=args.config,
-            overrides={
-                "data_dir": args.data_dir,
-                "listen": args.listen,
-                "database_url": args.database_url,
-                "region": args.region,
-                "metrics_listen": args.metrics_listen,
-                "log_level": args.log_level,
-            },
-        )
+
+        def load() -> Settings:
+            return config.load(
+                config_file=args.config,
+                overrides={
+                    "data_dir": args.data_dir,
+                    "listen": args.listen,
+                    "database_url": args.database_url,
+                    "region": args.region,
+                    "metrics_listen": args.metrics_listen,
+                    "log_level": args.log_level,
+                },
+            )
+
+        settings = load()
         logs.setup(settings.log_level)
         import uvloop
 
-        uvloop.run(serve(settings, notifier))
+        uvloop.run(serve(settings, notifier, reload=load))
     except AnvilError as exc:
         # `systemctl status` shows why; the CLI prints the same line on stderr.
         notifier.status(f"failed: {exc}")

@@ -145,6 +145,22 @@ class Runner:
     def wake(self) -> None:
         self._wake.set()
 
+    @property
+    def capabilities(self) -> Mapping[str, LocalCapability]:
+        return dict(self._capabilities)
+
+    def set_capabilities(self, capabilities: Mapping[str, LocalCapability]) -> None:
+        """What this peer claims from now on (a deployment came or went, the config
+        was reloaded). Jobs of a capability that left run to their end; none of
+        it is claimed any more."""
+        if dict(capabilities) == self._capabilities:
+            return
+        self._capabilities = dict(capabilities)
+        for name in capabilities:
+            self._per_capability.setdefault(name, 0)
+        self._slots.set_kinds({name: cap.kind for name, cap in capabilities.items()})
+        self.wake()
+
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
         await asyncio.to_thread(_clear_work_root, self._options.work_root)

@@ -68,7 +68,7 @@ def capable(
             timeout_ms=c.timeout_ms,
         )
         for c in capabilities
-        if c.peer_live and c.region == region and satisfies(c.resources, resources)
+        if c.peer_live and c.ready and c.region == region and satisfies(c.resources, resources)
     ]
 
 

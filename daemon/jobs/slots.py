@@ -25,13 +25,24 @@ class Slots:
             if count < 1:
                 raise ValueError(f"executor kind {kind!r} needs at least one slot")
         self._capacity = dict(capacity)
-        self._kinds = dict(kinds)
         self._used: dict[str, int] = dict.fromkeys(capacity, 0)
-        self._held: dict[str, int] = dict.fromkeys(kinds, 0)
-        sharing: dict[str, int] = {}
+        self._held: dict[str, int] = {}
+        self._kinds: dict[str, str] = {}
+        self._sharing: dict[str, int] = {}
+        self.set_kinds(kinds)
+
+    def set_kinds(self, kinds: Mapping[str, str]) -> None:
+        """The capabilities that share the slots now (deployed, undeployed, reloaded).
+
+        A capability that leaves keeps the slots it holds until its runs give
+        them back; it takes no new ones.
+        """
+        held = {name: n for name, n in self._held.items() if n}
+        self._kinds = {**{name: self._kinds[name] for name in held}, **kinds}
+        self._held = {name: held.get(name, 0) for name in self._kinds}
+        self._sharing = {}
         for kind in kinds.values():
-            sharing[kind] = sharing.get(kind, 0) + 1
-        self._sharing = sharing
+            self._sharing[kind] = self._sharing.get(kind, 0) + 1
 
     def free_for(self, capability: str) -> int | None:
         """Slots `capability` may take now; None when its kind is unbounded."""
@@ -39,7 +50,7 @@ class Slots:
         capacity = self._capacity.get(kind)
         if capacity is None:
             return None
-        own_limit = capacity - 1 if self._sharing[kind] > 1 and capacity > 1 else capacity
+        own_limit = capacity - 1 if self._sharing.get(kind, 0) > 1 and capacity > 1 else capacity
         return max(0, min(capacity - self._used[kind], own_limit - self._held[capability]))
 
     def take(self, capability: str) -> None:

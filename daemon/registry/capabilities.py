@@ -12,7 +12,12 @@ from psycopg.types.json import Jsonb
 from daemon.exceptions import CapabilityNotFound
 from daemon.registry import queries
 from daemon.registry.driver import Pool, translate_errors
-from daemon.registry.models import Capability, CapabilitySpec, validate_capability
+from daemon.registry.models import (
+    Capability,
+    CapabilitySpec,
+    FleetDeployment,
+    validate_capability,
+)
 from daemon.resources import satisfies
 
 
@@ -30,6 +35,8 @@ class CapabilityStore:
             "resources": Jsonb(dict(spec.resources)),
             "max_concurrency": spec.max_concurrency,
             "executor": Jsonb(dict(spec.executor)),
+            "source": spec.source,
+            "status": spec.status,
         }
         with translate_errors():
             async with self._pool.connection() as conn, conn.transaction():
@@ -38,7 +45,77 @@ class CapabilityStore:
                 cur = await conn.execute(queries.get("upsert_capability_executor"), params)
                 executor_row = await cur.fetchone()
         assert row is not None and executor_row is not None
-        return Capability.from_row({**row, "executor": executor_row["executor"]})
+        return Capability.from_row({**row, **executor_row})
+
+    async def set_status(
+        self, peer_id: uuid.UUID, capability: str, *, executor: Mapping[str, Any], status: str
+    ) -> bool:
+        """Record the peer's verdict on its row, if the row still has `executor`
+        and another status; True when it changed."""
+        with translate_errors():
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(
+                    queries.get("set_capability_status"),
+                    {
+                        "peer_id": peer_id,
+                        "capability": capability,
+                        "executor": Jsonb(dict(executor)),
+                        "status": status,
+                    },
+                )
+                return await cur.fetchone() is not None
+
+    async def deploy_fleet(self, deployment: FleetDeployment) -> FleetDeployment:
+        """Upsert a deployment to every peer of its region."""
+        params = {
+            "region": deployment.region,
+            "capability": deployment.capability,
+            "resources": Jsonb(dict(deployment.resources)),
+            "max_concurrency": deployment.max_concurrency,
+            "executor": Jsonb(dict(deployment.executor)),
+        }
+        with translate_errors():
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(queries.get("upsert_fleet_deployment"), params)
+                row = await cur.fetchone()
+        assert row is not None
+        return FleetDeployment.from_row(row)
+
+    async def undeploy_fleet(self, region: str, capability: str) -> None:
+        """Remove a fleet deployment and every peer's row of it; CapabilityNotFound if none."""
+        params = {"region": region, "capability": capability, "peer_id": None}
+        with translate_errors():
+            async with self._pool.connection() as conn, conn.transaction():
+                cur = await conn.execute(queries.get("delete_fleet_deployment"), params)
+                if await cur.fetchone() is None:
+                    raise CapabilityNotFound(
+                        f"capability {capability!r} is not deployed to region {region!r}"
+                    )
+                await conn.execute(queries.get("delete_fleet_rows"), params)
+
+    async def drop_fleet_row(self, peer_id: uuid.UUID, region: str, capability: str) -> None:
+        """Remove one peer's row of a fleet deployment (gone, or not for this peer)."""
+        params = {"region": region, "capability": capability, "peer_id": peer_id}
+        with translate_errors():
+            async with self._pool.connection() as conn:
+                await conn.execute(queries.get("delete_fleet_rows"), params)
+
+    async def fleet(self, region: str | None = None) -> list[FleetDeployment]:
+        with translate_errors():
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(queries.get("list_fleet_deployments"), {"region": region})
+                rows = await cur.fetchall()
+        return [FleetDeployment.from_row(row) for row in rows]
+
+    async def loads(
+        self, peer_ids: list[uuid.UUID]
+    ) -> dict[tuple[uuid.UUID, str], tuple[int, int]]:
+        """(queued, running) jobs per (peer, capability) of these peers."""
+        with translate_errors():
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(queries.get("capability_loads"), {"peer_ids": peer_ids})
+                rows = await cur.fetchall()
+        return {(r["peer_id"], r["capability"]): (r["queued"], r["running"]) for r in rows}
 
     async def deregister(self, peer_id: uuid.UUID, capability: str) -> None:
         """Remove one row; raise CapabilityNotFound if it was not registered."""

@@ -100,6 +100,17 @@ def validate_executor(executor: Mapping[str, Any]) -> dict[str, Any]:
     return executor
 
 
+# Where a capability row came from (capability_executors.source).
+SOURCE_CONFIG, SOURCE_DEPLOYED, SOURCE_FLEET = "config", "deployed", "fleet"
+STATUS_PENDING, STATUS_READY = "pending", "ready"
+MAX_STATUS = 512
+
+
+def failed_status(reason: str) -> str:
+    """The status of a deployed row whose module the peer could not run."""
+    return ("failed: " + " ".join(reason.split()))[:MAX_STATUS]
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class CapabilitySpec:
     """What a peer registers: validated on construction."""
@@ -110,6 +121,8 @@ class CapabilitySpec:
     resources: Mapping[str, str] = field(default_factory=dict)
     max_concurrency: int = 1
     executor: Mapping[str, Any] = field(default_factory=dict)
+    source: str = SOURCE_CONFIG
+    status: str = STATUS_READY
 
     def __post_init__(self) -> None:
         validate_capability(self.capability)
@@ -120,6 +133,29 @@ class CapabilitySpec:
             )
         object.__setattr__(self, "resources", resources_mod.validate(self.resources))
         object.__setattr__(self, "executor", validate_executor(self.executor))
+        if self.source not in (SOURCE_CONFIG, SOURCE_DEPLOYED, SOURCE_FLEET):
+            raise InvalidArgument(f"unknown capability source {self.source!r}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FleetDeployment:
+    """A capability deployed to every live peer of a region, now and later."""
+
+    region: str
+    capability: str
+    resources: Mapping[str, str]
+    max_concurrency: int
+    executor: Mapping[str, Any]
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> FleetDeployment:
+        return cls(
+            region=row["region"],
+            capability=row["capability"],
+            resources=dict(row["resources"] or {}),
+            max_concurrency=row["max_concurrency"],
+            executor=dict(row["executor"] or {}),
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -132,6 +168,10 @@ class Capability:
     executor: Mapping[str, Any]
     peer_address: str | None = None
     peer_live: bool = False
+    source: str = SOURCE_CONFIG
+    # 'ready' rows attract jobs; a deployed row is 'pending' until its peer has
+    # checked the module, or 'failed: <reason>'.
+    status: str = STATUS_READY
 
     @property
     def timeout_ms(self) -> int:
@@ -157,7 +197,13 @@ class Capability:
             executor=dict(row.get("executor") or {}),
             peer_address=row.get("address"),
             peer_live=bool(row.get("peer_live", False)),
+            source=row.get("source") or SOURCE_CONFIG,
+            status=row.get("status") or STATUS_READY,
         )
+
+    @property
+    def ready(self) -> bool:
+        return self.status == STATUS_READY
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -8,6 +8,7 @@ import binascii
 import json
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from grpc import aio
@@ -15,22 +16,30 @@ from grpc import aio
 from daemon import access, auth, convert
 from daemon.exceptions import (
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
 )
-from daemon.executors.podman.executor import check_image_ref
+from daemon.executors.podman.images import check_image_ref
 from daemon.jobs.events import JobEventHub
 from daemon.jobs.peer_view import PeerView
 from daemon.jobs.placer import Placer, Wanted
 from daemon.jobs.scheduler import locality_key
-from daemon.modules import Resolver, pin_module
+from daemon.modules import ModuleCheck, Resolver, is_object_ref, pin_module
 from daemon.pb.anvil import compute_pb2, compute_pb2_grpc
 from daemon.registry import Registry
 from daemon.registry.models import (
     DEFAULT_MAX_ATTEMPTS,
+    SOURCE_CONFIG,
+    SOURCE_DEPLOYED,
+    SOURCE_FLEET,
+    STATUS_PENDING,
+    Capability,
     CapabilitySpec,
+    FleetDeployment,
     Job,
     JobSpec,
     parse_uuid,
+    validate_capability,
 )
 from daemon.storage.refs import parse_ref
 
@@ -51,6 +60,8 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
         hub: JobEventHub,
         placer: Placer,
         resolve_module: Resolver,
+        check_module: ModuleCheck,
+        region: str,
     ) -> None:
         self._registry = registry
         self._view = view
@@ -58,6 +69,10 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
         self._placer = placer
         # Pins a module ref to the version and sha256 its object has now.
         self._resolve_module = resolve_module
+        # Checks that a worker will run a pinned module.
+        self._check_module = check_module
+        # This peer's region: the default of a registration that names none.
+        self._region = region
 
     async def _visible_job(self, job_id: uuid.UUID) -> Job:
         """The job, if the caller may see it; raises JobNotFound otherwise."""
@@ -67,37 +82,65 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
     async def RegisterCapability(
         self, request: compute_pb2.RegisterCapabilityRequest, context: Context
     ) -> compute_pb2.RegisterCapabilityResponse:
-        peer_id = parse_uuid(request.peer_id, field_name="peer_id")
+        peer_id = parse_uuid(request.peer_id, field_name="peer_id") if request.peer_id else None
         access.check_register(auth.current_claims.get(), peer_id)
         executor = convert.executor_to_dict(request.executor)
-        # Validated (sizes, names) before anything is looked up or written.
+        # Validated (names, sizes) before anything is looked up or written.
         spec = CapabilitySpec(
-            peer_id=peer_id,
-            region=request.region,
+            peer_id=peer_id or uuid.UUID(int=0),
+            region=request.region or self._region,
             capability=request.capability,
             resources=dict(request.resources),
             max_concurrency=request.max_concurrency or 1,
             executor=executor,
+            source=SOURCE_DEPLOYED,
+            status=STATUS_PENDING,
         )
-        await self._registry.peers.get(peer_id)  # NotFound: no such peer
-        pinned = await self._pinned_executor(executor)
-        cap = await self._registry.capabilities.register(
-            CapabilitySpec(
-                peer_id=spec.peer_id,
+        if peer_id is not None:
+            await self._registry.peers.get(peer_id)  # NotFound: no such peer
+            await self._refuse_config_row(peer_id, spec.capability, "deploy over")
+        pinned = await self._deployable(executor)
+        if peer_id is None:
+            await self._registry.capabilities.deploy_fleet(
+                FleetDeployment(
+                    region=spec.region,
+                    capability=spec.capability,
+                    resources=spec.resources,
+                    max_concurrency=spec.max_concurrency,
+                    executor=pinned,
+                )
+            )
+            cap = Capability(
+                peer_id=uuid.UUID(int=0),
                 region=spec.region,
                 capability=spec.capability,
                 resources=spec.resources,
                 max_concurrency=spec.max_concurrency,
                 executor=pinned,
+                source=SOURCE_FLEET,
+                status=STATUS_PENDING,
             )
-        )
+            message = convert.capability_message(cap)
+            message.peer_id = ""
+            return compute_pb2.RegisterCapabilityResponse(capability=message)
+        cap = await self._registry.capabilities.register(replace(spec, executor=pinned))
         self._view.request_refresh()
         return compute_pb2.RegisterCapabilityResponse(capability=convert.capability_message(cap))
 
-    async def _pinned_executor(self, executor: dict[str, Any]) -> dict[str, Any]:
+    async def _refuse_config_row(self, peer_id: uuid.UUID, capability: str, what: str) -> None:
+        """A peer's config rows are its own (re-asserted at every heartbeat): refuse
+        to deploy over or undeploy one. Raises FailedPrecondition."""
+        for row in await self._registry.capabilities.find(capability=capability, peer_id=peer_id):
+            if row.source == SOURCE_CONFIG:
+                raise FailedPrecondition(
+                    f"peer {peer_id} runs {capability!r} from its own config: cannot {what} "
+                    "it through the API (change that peer's config instead)"
+                )
+
+    async def _deployable(self, executor: dict[str, Any]) -> dict[str, Any]:
         """The executor with its WASM module pinned by sha256 (resolved now when not
-        given) and its image checked to be pinned by digest. Raises InvalidArgument,
-        FailedPrecondition, NotFound."""
+        given) and checked to run, or its image checked to be pinned by digest.
+        Raises InvalidArgument, FailedPrecondition, NotFound, DataLoss."""
         if "podman" in executor:
             check_image_ref(str(executor["podman"].get("image", "")))
             return executor
@@ -110,14 +153,24 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
             resolve=self._resolve_module,
             own_config=False,
         )
+        if is_object_ref(ref):
+            # The front peer checks now, so a module that cannot run is refused
+            # before any row exists; the target peer checks again before it runs it.
+            await self._check_module(ref)
         return {**executor, "wasm": {**wasm, "module_ref": ref, "module_sha256": digest}}
 
     async def DeregisterCapability(
         self, request: compute_pb2.DeregisterCapabilityRequest, context: Context
     ) -> compute_pb2.DeregisterCapabilityResponse:
-        peer_id = parse_uuid(request.peer_id, field_name="peer_id")
+        peer_id = parse_uuid(request.peer_id, field_name="peer_id") if request.peer_id else None
         access.check_register(auth.current_claims.get(), peer_id)
-        await self._registry.capabilities.deregister(peer_id, request.capability)
+        if peer_id is None:
+            await self._registry.capabilities.undeploy_fleet(
+                request.region or self._region, validate_capability(request.capability)
+            )
+        else:
+            await self._refuse_config_row(peer_id, request.capability, "undeploy")
+            await self._registry.capabilities.deregister(peer_id, request.capability)
         self._view.request_refresh()
         return compute_pb2.DeregisterCapabilityResponse()
 
@@ -136,8 +189,16 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
         )
         more = len(found) > size
         found = found[:size]
+        loads = await self._registry.capabilities.loads(sorted({c.peer_id for c in found}))
         return compute_pb2.ListCapabilitiesResponse(
-            capabilities=[convert.capability_message(c) for c in found],
+            capabilities=[
+                convert.capability_message(
+                    c,
+                    queued=loads.get((c.peer_id, c.capability), (0, 0))[0],
+                    running=loads.get((c.peer_id, c.capability), (0, 0))[1],
+                )
+                for c in found
+            ],
             next_page_token=_page_token(found[-1].capability, found[-1].peer_id) if more else "",
         )
 

@@ -65,7 +65,7 @@ async def test_submit_wait_status_capabilities_cancel(peer: Peer, tmp_path: Path
     assert cancel.returncode == 1 and "FAILED_PRECONDITION" in cancel.stderr
     caps = await asyncio.to_thread(cli, peer, "capabilities", "--live")
     assert caps.returncode == 0
-    assert {line.split()[0] for line in caps.stdout.splitlines()} == {
+    assert {line.split()[0] for line in caps.stdout.splitlines()[1:]} == {
         "text:wordcount",
         "data:csv-aggregate",
         "image:resize",

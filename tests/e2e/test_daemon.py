@@ -295,14 +295,14 @@ async def test_bad_requests_get_the_right_status(peer: Peer, peers: PeerFactory)
         assert await code_of(client.cancel(missing)) is grpc.StatusCode.PERMISSION_DENIED
         assert await code_of(client.status(missing)) is grpc.StatusCode.NOT_FOUND
     # compute:register, and nothing else, lets a caller register capabilities.
+    async with peer.client() as client:
+        module = await client.upload(REPO / "guest_modules" / "dist" / "text-wordcount.wasm")
     registration = compute_pb2.RegisterCapabilityRequest(
         peer_id=peer.peer_id,
         region="local",
         capability="test:registered",
         max_concurrency=1,
-        executor=compute_pb2.Executor(
-            wasm=compute_pb2.WasmExecutor(module_ref="sha256:" + "a" * 64)
-        ),
+        executor=compute_pb2.Executor(wasm=compute_pb2.WasmExecutor(module_ref=module)),
     )
     for scopes, expected in [
         (

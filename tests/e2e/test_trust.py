@@ -154,16 +154,24 @@ async def test_tokens_serve_writes_split_tenants_from_operators(
     assert [(c.region, c.peer_id) for c in listed] == [("local", peer.peer_id)]
 
 
-async def test_a_peer_token_registers_for_that_peer_only(peer: Peer, peers: PeerFactory) -> None:
+async def test_a_peer_token_registers_for_that_peer_only(
+    peer: Peer, peers: PeerFactory, tmp_path: Path
+) -> None:
+    async with peer.client() as client:
+        ref = await client.upload(write_guest(tmp_path, "a", PRINT_WAT.replace("LETTER", "A")))
     own = token(peers, f"peer:{peer.peer_id}", auth.SCOPE_PEER)
     other = token(peers, f"peer:{uuid.uuid4()}", auth.SCOPE_PEER)
-    request = registration(peer.peer_id, "test:own")
+    request = registration(peer.peer_id, "test:own", module_ref=ref)
     async with ComputeClient(peer.address, token=other) as client:
         code = await code_of(client.stub.RegisterCapability(request, metadata=client.metadata))
         assert code is grpc.StatusCode.PERMISSION_DENIED
+        # Nor may a peer deploy to a whole region: that is an operator's call.
+        fleet = registration("", "test:own", module_ref=ref)
+        code = await code_of(client.stub.RegisterCapability(fleet, metadata=client.metadata))
+        assert code is grpc.StatusCode.PERMISSION_DENIED
     async with ComputeClient(peer.address, token=own) as client:
         reply = await client.stub.RegisterCapability(request, metadata=client.metadata)
-        assert reply.capability.executor.wasm.module_sha256 == "a" * 64
+        assert reply.capability.executor.wasm.module_sha256 == parse_ref(ref).sha256
 
 
 async def test_registration_is_checked_before_anything_is_written(
@@ -217,17 +225,19 @@ async def test_an_unpinned_module_ref_is_pinned_when_registered(peer: Peer, tmp_
         assert code is grpc.StatusCode.FAILED_PRECONDITION
 
 
-async def test_list_capabilities_pages_through_every_row_once(peer: Peer) -> None:
-    async with operator(peer) as client:
-        names = [f"test:page{i:03d}" for i in range(230)]
-        await asyncio.gather(
-            *(
-                client.stub.RegisterCapability(
-                    registration(peer.peer_id, name), metadata=client.metadata
-                )
-                for name in names
+async def test_list_capabilities_pages_through_every_row_once(
+    peer: Peer, database_url: str
+) -> None:
+    # 230 rows of a large fabric, written as its peers would (straight into the
+    # registry: a deployment of each would make this peer run them all).
+    names = [f"test:page{i:03d}" for i in range(230)]
+    with psycopg.connect(database_url) as conn:
+        for name in names:
+            conn.execute(
+                "INSERT INTO compute_capabilities VALUES (%s, 'local', %s, '{}', 1)",
+                (uuid.uuid4(), name),
             )
-        )
+    async with operator(peer) as client:
         seen: list[str] = []
         page_token, pages = "", 0
         while True:
@@ -251,12 +261,23 @@ async def test_list_capabilities_pages_through_every_row_once(peer: Peer) -> Non
             assert code is grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_a_tampered_row_heals_at_the_next_heartbeat(peer: Peer) -> None:
+async def test_a_tampered_row_heals_at_the_next_heartbeat(peer: Peer, database_url: str) -> None:
     async with operator(peer) as admin:
-        await admin.stub.RegisterCapability(
-            registration(peer.peer_id, "text:wordcount", region="elsewhere"),
-            metadata=admin.metadata,
+        # Not through the API: a peer's config rows are its own ...
+        code = await code_of(
+            admin.stub.RegisterCapability(
+                registration(peer.peer_id, "text:wordcount", region="elsewhere"),
+                metadata=admin.metadata,
+            )
         )
+        assert code is grpc.StatusCode.FAILED_PRECONDITION
+        # ... but a write straight into the registry (a restored backup, a hand).
+        with psycopg.connect(database_url) as conn:
+            conn.execute(
+                "UPDATE compute_capabilities SET region = 'elsewhere' "
+                "WHERE peer_id = %s AND capability = 'text:wordcount'",
+                (peer.peer_id,),
+            )
 
         async def healed() -> bool:
             rows = await admin.capabilities("text:wordcount")

@@ -1,7 +1,7 @@
 """The registry schema after migrations, pinned object by object.
 
 A regression guard: the expected description below was written by reading the
-migrations sql/0001_registry.sql .. sql/0004_handbacks.sql (plus the
+migrations sql/0001_registry.sql .. sql/0005_deployments.sql (plus the
 `schema_migrations` bookkeeping table that daemon/registry/migrations.py
 creates), then cross-checked against what PostgreSQL reports. Any change to a
 migration's effect on tables, columns, constraints, indexes, triggers, trigger
@@ -44,12 +44,23 @@ COLUMNS: dict[str, list[Column]] = {
         Column("resources", "jsonb", False),
         Column("max_concurrency", "integer", False),
     ],
-    # 0001.
+    # 0001; source and status by 0005.
     "capability_executors": [
         Column("peer_id", "uuid", True),
         Column("capability", "text", True),
         Column("executor", "jsonb", True, "'{}'::jsonb"),
         Column("registered_at", TZ, True, "now()"),
+        Column("source", "text", True, "'config'::text"),
+        Column("status", "text", True, "'ready'::text"),
+    ],
+    # 0005.
+    "fleet_deployments": [
+        Column("region", "text", True),
+        Column("capability", "text", True),
+        Column("resources", "jsonb", True, "'{}'::jsonb"),
+        Column("max_concurrency", "integer", True),
+        Column("executor", "jsonb", True),
+        Column("deployed_at", TZ, True, "now()"),
     ],
     # 0001.
     "peers": [
@@ -132,6 +143,18 @@ CONSTRAINTS: dict[str, dict[str, str]] = {
             "FOREIGN KEY (peer_id, capability) "
             "REFERENCES compute_capabilities(peer_id, capability) ON DELETE CASCADE"
         ),
+        # 0005.
+        "capability_executors_source_check": (
+            "CHECK ((source = ANY (ARRAY['config'::text, 'deployed'::text, 'fleet'::text])))"
+        ),
+        "capability_executors_status_check": (
+            "CHECK (((status = ANY (ARRAY['pending'::text, 'ready'::text])) "
+            "OR (status ~~ 'failed: %'::text)))"
+        ),
+    },
+    "fleet_deployments": {
+        "fleet_deployments_pkey": "PRIMARY KEY (region, capability)",
+        "fleet_deployments_max_concurrency_check": "CHECK ((max_concurrency >= 1))",
     },
     "peers": {
         "peers_pkey": "PRIMARY KEY (peer_id)",
@@ -182,6 +205,12 @@ INDEXES: dict[str, dict[str, str]] = {
         "capability_executors_pkey": (
             "CREATE UNIQUE INDEX capability_executors_pkey ON public.capability_executors "
             "USING btree (peer_id, capability)"
+        ),
+    },
+    "fleet_deployments": {
+        "fleet_deployments_pkey": (
+            "CREATE UNIQUE INDEX fleet_deployments_pkey ON public.fleet_deployments "
+            "USING btree (region, capability)"
         ),
     },
     "peers": {
@@ -241,6 +270,22 @@ INDEXES: dict[str, dict[str, str]] = {
 # Every user (non-internal) trigger per table: name -> pg_get_triggerdef(). All
 # enabled (tgenabled = 'O'), checked separately.
 TRIGGERS: dict[str, dict[str, str]] = {
+    # 0005.
+    "capability_executors": {
+        "capability_executors_notify": (
+            "CREATE TRIGGER capability_executors_notify "
+            "AFTER UPDATE OF status ON public.capability_executors "
+            "FOR EACH ROW WHEN ((old.status IS DISTINCT FROM new.status)) "
+            "EXECUTE FUNCTION registry_notify_membership()"
+        ),
+    },
+    "fleet_deployments": {
+        "fleet_deployments_notify": (
+            "CREATE TRIGGER fleet_deployments_notify "
+            "AFTER INSERT OR DELETE OR UPDATE ON public.fleet_deployments "
+            "FOR EACH STATEMENT EXECUTE FUNCTION registry_notify_membership()"
+        ),
+    },
     # 0001.
     "compute_capabilities": {
         "compute_capabilities_notify": (

@@ -19,7 +19,6 @@ from typing import cast
 from wasmtime import (
     ExitTrap,
     Func,
-    FuncType,
     Instance,
     InstancePre,
     Linker,
@@ -44,6 +43,7 @@ from daemon.executors.wasm.module_cache import (
     ModuleCache,
     wasmtime_reason,
 )
+from daemon.executors.wasm.validate import command_pre
 
 GUEST_INPUT_DIR = "/input"
 GUEST_OUTPUT_DIR = "/output"
@@ -136,14 +136,7 @@ class Sandbox:
         self.close()
 
     def _prepare(self, module: Module) -> InstancePre:
-        start = next((e.type for e in module.exports if e.name == "_start"), None)
-        if not isinstance(start, FuncType) or start.params or start.results:
-            raise InvalidModule("no `_start` function exported: not a WASI command")
-        try:
-            return self.linker.instantiate_pre(module)
-        except WasmtimeError as exc:
-            reason = wasmtime_reason(str(exc))
-            raise InvalidModule(f"{reason} (only WASI preview 1 imports are granted)") from None
+        return command_pre(self.linker, module)
 
     def run(
         self, request: RunRequest, *, on_started: Callable[[Level], None] | None = None

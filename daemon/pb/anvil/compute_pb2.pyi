@@ -208,12 +208,27 @@ class Capability(_message.Message):
     MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
     EXECUTOR_FIELD_NUMBER: _builtins.int
     PEER_LIVE_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    QUEUED_JOBS_FIELD_NUMBER: _builtins.int
+    RUNNING_JOBS_FIELD_NUMBER: _builtins.int
     peer_id: _builtins.str
     region: _builtins.str
     capability: _builtins.str
     max_concurrency: _builtins.int
     peer_live: _builtins.bool
     """Whether the peer's heartbeat is fresh (read side only)."""
+    status: _builtins.str
+    """'ready' (it takes jobs), 'pending' (its peer is checking the module) or
+    'failed: <reason>' (read side only).
+    """
+    source: _builtins.str
+    """'config' (the peer's own), 'deployed' (to this peer) or 'fleet' (to its
+    region) (read side only).
+    """
+    queued_jobs: _builtins.int
+    """Jobs of this capability queued for and running on this peer (read side only)."""
+    running_jobs: _builtins.int
     @_builtins.property
     def resources(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -228,10 +243,14 @@ class Capability(_message.Message):
         max_concurrency: _builtins.int = ...,
         executor: Global___Executor | None = ...,
         peer_live: _builtins.bool = ...,
+        status: _builtins.str = ...,
+        source: _builtins.str = ...,
+        queued_jobs: _builtins.int = ...,
+        running_jobs: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["executor", b"executor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "executor", b"executor", "max_concurrency", b"max_concurrency", "peer_id", b"peer_id", "peer_live", b"peer_live", "region", b"region", "resources", b"resources"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "executor", b"executor", "max_concurrency", b"max_concurrency", "peer_id", b"peer_id", "peer_live", b"peer_live", "queued_jobs", b"queued_jobs", "region", b"region", "resources", b"resources", "running_jobs", b"running_jobs", "source", b"source", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -268,7 +287,9 @@ class RegisterCapabilityRequest(_message.Message):
     MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
     EXECUTOR_FIELD_NUMBER: _builtins.int
     peer_id: _builtins.str
+    """Empty: every live peer of `region`, now and later."""
     region: _builtins.str
+    """Empty means the receiving peer's region."""
     capability: _builtins.str
     max_concurrency: _builtins.int
     @_builtins.property
@@ -319,17 +340,22 @@ class DeregisterCapabilityRequest(_message.Message):
 
     PEER_ID_FIELD_NUMBER: _builtins.int
     CAPABILITY_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
     peer_id: _builtins.str
+    """Empty: the fleet deployment of `region`."""
     capability: _builtins.str
+    region: _builtins.str
+    """With an empty peer_id; empty means the receiving peer's region."""
     def __init__(
         self,
         *,
         peer_id: _builtins.str = ...,
         capability: _builtins.str = ...,
+        region: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "peer_id", b"peer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "peer_id", b"peer_id", "region", b"region"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

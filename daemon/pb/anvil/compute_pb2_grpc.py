@@ -77,18 +77,25 @@ class ComputeServiceServicer:
     """
 
     def RegisterCapability(self, request, context):
-        """RegisterCapability upserts one (peer, capability) row in the registry.
-        Operators (compute:register) for any known peer, a peer for itself;
-        PERMISSION_DENIED otherwise, NOT_FOUND for an unknown peer. A WASM module
-        is pinned by its sha256 here (resolved now when not given).
+        """RegisterCapability deploys a capability: to the named peer, or, with an
+        empty peer_id, to every live peer of the region (and those that join
+        later). The peer fetches and checks the module, then claims its jobs; the
+        row is 'pending' until then. Operators (compute:register) for any known
+        peer, a peer for itself; PERMISSION_DENIED otherwise, NOT_FOUND for an
+        unknown peer. A WASM module is pinned by its sha256 here (resolved now
+        when not given) and checked: one that does not resolve, does not match
+        its digest, is not a WASI preview 1 command or imports anything else is
+        refused (INVALID_ARGUMENT, FAILED_PRECONDITION) and nothing is written.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeregisterCapability(self, request, context):
-        """DeregisterCapability removes one (peer, capability) row; NOT_FOUND if absent.
-        Same callers as RegisterCapability.
+        """DeregisterCapability undeploys: one peer's row, or with an empty peer_id
+        the region's fleet deployment; new jobs stop, running ones finish.
+        NOT_FOUND if absent; FAILED_PRECONDITION for a capability the peer runs
+        from its own config. Same callers as RegisterCapability.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

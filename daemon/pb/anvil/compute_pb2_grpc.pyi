@@ -36,14 +36,21 @@ class ComputeServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ComputeServiceAsyncStub: ...
     RegisterCapability: _grpc.UnaryUnaryMultiCallable[_compute_pb2.RegisterCapabilityRequest, _compute_pb2.RegisterCapabilityResponse]
-    """RegisterCapability upserts one (peer, capability) row in the registry.
-    Operators (compute:register) for any known peer, a peer for itself;
-    PERMISSION_DENIED otherwise, NOT_FOUND for an unknown peer. A WASM module
-    is pinned by its sha256 here (resolved now when not given).
+    """RegisterCapability deploys a capability: to the named peer, or, with an
+    empty peer_id, to every live peer of the region (and those that join
+    later). The peer fetches and checks the module, then claims its jobs; the
+    row is 'pending' until then. Operators (compute:register) for any known
+    peer, a peer for itself; PERMISSION_DENIED otherwise, NOT_FOUND for an
+    unknown peer. A WASM module is pinned by its sha256 here (resolved now
+    when not given) and checked: one that does not resolve, does not match
+    its digest, is not a WASI preview 1 command or imports anything else is
+    refused (INVALID_ARGUMENT, FAILED_PRECONDITION) and nothing is written.
     """
     DeregisterCapability: _grpc.UnaryUnaryMultiCallable[_compute_pb2.DeregisterCapabilityRequest, _compute_pb2.DeregisterCapabilityResponse]
-    """DeregisterCapability removes one (peer, capability) row; NOT_FOUND if absent.
-    Same callers as RegisterCapability.
+    """DeregisterCapability undeploys: one peer's row, or with an empty peer_id
+    the region's fleet deployment; new jobs stop, running ones finish.
+    NOT_FOUND if absent; FAILED_PRECONDITION for a capability the peer runs
+    from its own config. Same callers as RegisterCapability.
     """
     ListCapabilities: _grpc.UnaryUnaryMultiCallable[_compute_pb2.ListCapabilitiesRequest, _compute_pb2.ListCapabilitiesResponse]
     """ListCapabilities lists registered capabilities, optionally filtered, a page at a time."""
@@ -70,14 +77,21 @@ class ComputeServiceAsyncStub(ComputeServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     RegisterCapability: _aio.UnaryUnaryMultiCallable[_compute_pb2.RegisterCapabilityRequest, _compute_pb2.RegisterCapabilityResponse]  # type: ignore[assignment]
-    """RegisterCapability upserts one (peer, capability) row in the registry.
-    Operators (compute:register) for any known peer, a peer for itself;
-    PERMISSION_DENIED otherwise, NOT_FOUND for an unknown peer. A WASM module
-    is pinned by its sha256 here (resolved now when not given).
+    """RegisterCapability deploys a capability: to the named peer, or, with an
+    empty peer_id, to every live peer of the region (and those that join
+    later). The peer fetches and checks the module, then claims its jobs; the
+    row is 'pending' until then. Operators (compute:register) for any known
+    peer, a peer for itself; PERMISSION_DENIED otherwise, NOT_FOUND for an
+    unknown peer. A WASM module is pinned by its sha256 here (resolved now
+    when not given) and checked: one that does not resolve, does not match
+    its digest, is not a WASI preview 1 command or imports anything else is
+    refused (INVALID_ARGUMENT, FAILED_PRECONDITION) and nothing is written.
     """
     DeregisterCapability: _aio.UnaryUnaryMultiCallable[_compute_pb2.DeregisterCapabilityRequest, _compute_pb2.DeregisterCapabilityResponse]  # type: ignore[assignment]
-    """DeregisterCapability removes one (peer, capability) row; NOT_FOUND if absent.
-    Same callers as RegisterCapability.
+    """DeregisterCapability undeploys: one peer's row, or with an empty peer_id
+    the region's fleet deployment; new jobs stop, running ones finish.
+    NOT_FOUND if absent; FAILED_PRECONDITION for a capability the peer runs
+    from its own config. Same callers as RegisterCapability.
     """
     ListCapabilities: _aio.UnaryUnaryMultiCallable[_compute_pb2.ListCapabilitiesRequest, _compute_pb2.ListCapabilitiesResponse]  # type: ignore[assignment]
     """ListCapabilities lists registered capabilities, optionally filtered, a page at a time."""
@@ -107,10 +121,15 @@ class ComputeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _compute_pb2.RegisterCapabilityRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_compute_pb2.RegisterCapabilityResponse, _abc.Awaitable[_compute_pb2.RegisterCapabilityResponse]]:
-        """RegisterCapability upserts one (peer, capability) row in the registry.
-        Operators (compute:register) for any known peer, a peer for itself;
-        PERMISSION_DENIED otherwise, NOT_FOUND for an unknown peer. A WASM module
-        is pinned by its sha256 here (resolved now when not given).
+        """RegisterCapability deploys a capability: to the named peer, or, with an
+        empty peer_id, to every live peer of the region (and those that join
+        later). The peer fetches and checks the module, then claims its jobs; the
+        row is 'pending' until then. Operators (compute:register) for any known
+        peer, a peer for itself; PERMISSION_DENIED otherwise, NOT_FOUND for an
+        unknown peer. A WASM module is pinned by its sha256 here (resolved now
+        when not given) and checked: one that does not resolve, does not match
+        its digest, is not a WASI preview 1 command or imports anything else is
+        refused (INVALID_ARGUMENT, FAILED_PRECONDITION) and nothing is written.
         """
 
     @_abc_1.abstractmethod
@@ -119,8 +138,10 @@ class ComputeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _compute_pb2.DeregisterCapabilityRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_compute_pb2.DeregisterCapabilityResponse, _abc.Awaitable[_compute_pb2.DeregisterCapabilityResponse]]:
-        """DeregisterCapability removes one (peer, capability) row; NOT_FOUND if absent.
-        Same callers as RegisterCapability.
+        """DeregisterCapability undeploys: one peer's row, or with an empty peer_id
+        the region's fleet deployment; new jobs stop, running ones finish.
+        NOT_FOUND if absent; FAILED_PRECONDITION for a capability the peer runs
+        from its own config. Same callers as RegisterCapability.
         """
 
     @_abc_1.abstractmethod
