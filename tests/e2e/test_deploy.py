@@ -259,3 +259,46 @@ async def test_sighup_reloads_the_configs_capabilities(peers: PeerFactory, tmp_p
             "test:reloaded",
         }
     assert peer.process.poll() is None
+
+
+@pytest.mark.parametrize(
+    ("table", "words"),
+    [
+        ('wasm = "/nowhere/module.wasm"', "cannot read module /nowhere/module.wasm"),
+        (
+            'wasm = "builtin:text-wordcount"\nsha256 = "' + "0" * 64 + '"',
+            "not the expected 0000",
+        ),
+        ('wasm = "builtin:text-countwords"', "no builtin module 'text-countwords'"),
+    ],
+)
+def test_a_module_that_cannot_be_pinned_stops_the_start_with_one_line(
+    tmp_path: Path, database_url: str, table: str, words: str
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[capabilities."text:x"]\n{table}\n')
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "daemon.cli",
+            "serve",
+            "--config",
+            str(config),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "",
+            "--database-url",
+            database_url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("anvil-compute: ") and words in last, done.stderr[-2000:]
