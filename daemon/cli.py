@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "daemon.commands.jobs",
     "daemon.commands.objects",
     "daemon.commands.run",
+    "daemon.commands.new_guest",
     "daemon.commands.migrate",
     "daemon.commands.token",
     "daemon.commands.deploy",

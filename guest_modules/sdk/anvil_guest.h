@@ -38,8 +38,11 @@
 #include <string.h>
 
 #define ANVIL_ABI_VERSION 1
-/* Every function is static; unused ones are fine. */
+/* Every function is static; unused ones are fine. anvil_guest.c defines
+ * ANVIL_API first to compile them with external linkage instead. */
+#ifndef ANVIL_API
 #define ANVIL_API static __attribute__((unused))
+#endif
 #define ANVIL_INPUT_DIR "/input"
 #define ANVIL_OUTPUT_DIR "/output"
 #define ANVIL_PARAM_ENV_PREFIX "ANVIL_PARAM_"

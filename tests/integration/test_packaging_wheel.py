@@ -82,6 +82,8 @@ def check_contents(wheel: Path) -> None:
     assert len(packaged("daemon/guest_dist/", ".wasm")) >= 4
     models = shipped("guest_modules/models", "*")
     assert packaged("daemon/guest_models/") == models != set()
+    # `anvil-compute new-guest` copies the SDK header from the installed package.
+    assert packaged("daemon/guest_sdk/") == {"__init__.py", "anvil_guest.h", "anvil_guest.c"}
     assert {"daemon/py.typed", "hrw/py.typed", "daemon/cli.py", "daemon/metrics.py"} <= names
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     dist_info = f"anvil_compute-{version}.dist-info"

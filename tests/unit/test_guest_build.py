@@ -11,6 +11,8 @@ from types import ModuleType
 import pytest
 import wasmtime
 
+from daemon.commands.new_guest import pinned_zig_version
+
 GUEST = Path(__file__).resolve().parents[2] / "guest_modules"
 CAPABILITIES = ("text:wordcount", "data:csv-aggregate", "image:resize", "inference:digits")
 
@@ -48,3 +50,8 @@ def test_module_is_a_small_wasi_command(build: ModuleType, capability: str) -> N
     module = wasmtime.Module(wasmtime.Engine(), data)
     assert {e.name for e in module.exports} >= {"_start", "memory"}
     assert {i.module for i in module.imports} == {"wasi_snapshot_preview1"}
+
+
+def test_new_guest_pins_the_same_toolchain(build: ModuleType) -> None:
+    # Scaffolds tell authors to install pyproject's pin; build.py checks its own copy.
+    assert pinned_zig_version() == build.ZIG_VERSION
