@@ -23,6 +23,7 @@ import pytest
 
 from daemon import config
 from daemon.capability_config import parse_capability
+from daemon.client import ComputeClient
 from daemon.convert import PROTO_TO_JOB_STATE
 from daemon.exceptions import ConfigError, FailedPrecondition, InvalidArgument
 from daemon.executors.podman import example_image
@@ -42,6 +43,7 @@ from daemon.executors.podman.job import PodmanJobExecutor, job_limits
 from daemon.executors.podman.service import PodmanService
 from daemon.executors.result import ExecutionRequest, RunEnd, ending
 from daemon.jobs.state import JobState
+from daemon.pb.anvil import compute_pb2
 from daemon.resources import satisfies
 from daemon.storage.cache import DiskCache
 from daemon.storage.fetcher import Fetcher
@@ -661,11 +663,32 @@ pids = 32
             ref = await client.upload(text_file)
             submitted = await client.submit("demo:busybox-wc", inputs=[ref])
             final = await asyncio.wait_for(client.wait(submitted.job_id), 60)
+            # A container capability deployed through the API runs in the same
+            # executor, with the same hardening, once its peer has taken it.
+            operator = (peer.data_dir / "operator.token").read_text().strip()
+            async with ComputeClient(peer.address, token=operator) as admin:
+                await admin.deploy(
+                    "demo:busybox-id",
+                    compute_pb2.Executor(
+                        podman=compute_pb2.PodmanExecutor(image=busybox_image, command=["id"])
+                    ),
+                    peer_id=peer.peer_id,
+                )
+
+                async def ready() -> bool:
+                    rows = await admin.capabilities("demo:busybox-id")
+                    return [r.status for r in rows] == ["ready"]
+
+                await eventually(ready, timeout=30)
+            deployed = await client.submit("demo:busybox-id")
+            who = await asyncio.wait_for(client.wait(deployed.job_id), 60)
     finally:
         await asyncio.to_thread(peers.stop_all)
     assert PROTO_TO_JOB_STATE[final.state] is JobState.SUCCEEDED, (final.error, peer.log()[-3000:])
     assert final.output == b"9\n"
     assert final.peer_id == peer.peer_id
+    assert PROTO_TO_JOB_STATE[who.state] is JobState.SUCCEEDED, (who.error, peer.log()[-3000:])
+    assert who.output.startswith(b"uid=65534"), who.output
 
 
 @pytest.fixture
