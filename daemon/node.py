@@ -270,6 +270,7 @@ class Node:
                 hub=parts.hub,
                 placer=parts.placer,
                 resolve_module=functools.partial(pin, parts.fetcher),
+                queue_timeout_ms=round(s.queue_timeout_s * 1000),
             ),
             peer=PeerService(peer_id=self.peer_id, region=s.region, worker=self.runner),
             objects=FabricObjectService(parts.fabric, owner_of=parts.registry.jobs.owner),
