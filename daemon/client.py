@@ -97,6 +97,7 @@ class ComputeClient:
         timeout_ms: int = 0,
         resources: Mapping[str, str] | None = None,
         max_attempts: int = 0,
+        queue_timeout_ms: int = 0,
         deadline_s: float | None = 30.0,
     ) -> compute_pb2.SubmitJobResponse:
         request = compute_pb2.SubmitJobRequest(
@@ -109,6 +110,7 @@ class ComputeClient:
             timeout_ms=timeout_ms,
             resources=dict(resources or {}),
             max_attempts=max_attempts,
+            queue_timeout_ms=queue_timeout_ms,
         )
         async with self._unary:
             return await self.stub.SubmitJob(request, metadata=self.metadata, timeout=deadline_s)

@@ -17,6 +17,7 @@ from typing import Any
 from daemon.capability_config import LocalCapability, example_capabilities, parse_capabilities
 from daemon.exceptions import ConfigError
 from daemon.registry.jobs import MAX_INLINE_OUTPUT
+from daemon.registry.models import DEFAULT_QUEUE_TIMEOUT_MS, MAX_QUEUE_TIMEOUT_MS
 
 DEFAULT_CONFIG_FILE = Path("/etc/anvil-compute/config.toml")
 ENV_PREFIX = "ANVIL_"
@@ -161,6 +162,7 @@ class Settings:
     max_output_bytes: int
     max_output_files: int
     max_job_timeout_s: float
+    queue_timeout_s: float
     max_store_bytes: int
     podman_socket: str | None
     gpu_devices: tuple[str, ...]
@@ -259,6 +261,12 @@ FIELDS: dict[str, tuple[Callable[[Any], Any], Callable[[], Any], str]] = {
         lambda: 3600.0,
         "ceiling on any job's timeout; a capability's timeout_ms may only lower it",
     ),
+    "queue_timeout_s": (
+        _positive_float,
+        lambda: DEFAULT_QUEUE_TIMEOUT_MS / 1000,
+        "seconds a job may wait queued for a peer before it fails; a job's queue_timeout_ms "
+        "overrides it",
+    ),
     "max_store_bytes": (
         _non_negative_int,
         lambda: 0,
@@ -345,6 +353,11 @@ def load(
         raise ConfigError(
             f"bad value for 'max_inline_output': {values['max_inline_output']} "
             f"(the registry keeps at most {MAX_INLINE_OUTPUT} bytes inline)"
+        )
+    if not 0.001 <= values["queue_timeout_s"] <= MAX_QUEUE_TIMEOUT_MS / 1000:
+        raise ConfigError(
+            f"bad value for 'queue_timeout_s': {values['queue_timeout_s']} "
+            f"(must be between 0.001 and {MAX_QUEUE_TIMEOUT_MS // 1000} seconds)"
         )
     if values["balance"] < 1:
         raise ConfigError(f"bad value for 'balance': {values['balance']} (must be >= 1)")

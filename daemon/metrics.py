@@ -144,6 +144,12 @@ PLACEMENTS = Counter(
     ["capability", "decision"],
     registry=REGISTRY,
 )
+JOBS_QUEUE_TIMED_OUT = Counter(
+    f"{PREFIX}_jobs_queue_timed_out",
+    "Jobs this peer's sweep failed because no peer ran them within their queue timeout",
+    ["capability"],
+    registry=REGISTRY,
+)
 MODULE_CACHE_LOOKUPS = Counter(
     f"{PREFIX}_module_cache_lookups",
     "WASM modules loaded for a run, by the cache level that had them (compiled = miss)",

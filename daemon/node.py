@@ -280,6 +280,7 @@ class Node:
                 resolve_module=functools.partial(pin, parts.fetcher),
                 check_module=functools.partial(check_fetched, parts.fetcher),
                 region=s.region,
+                queue_timeout_ms=round(s.queue_timeout_s * 1000),
             ),
             peer=PeerService(peer_id=self.peer_id, region=s.region, worker=self.runner),
             objects=FabricObjectService(parts.fabric, owner_of=parts.registry.jobs.owner),

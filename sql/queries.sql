@@ -143,11 +143,11 @@ GROUP BY peer_id;
 
 -- name: insert_job
 INSERT INTO jobs (job_id, capability, region, inputs, params, resources, locality_key,
-                  idempotency_key, request_sha256, timeout_ms, max_attempts, submitted_by,
-                  peer_id)
+                  idempotency_key, request_sha256, timeout_ms, queue_timeout_ms, max_attempts,
+                  submitted_by, peer_id)
 VALUES (%(job_id)s, %(capability)s, %(region)s, %(inputs)s, %(params)s, %(resources)s,
         %(locality_key)s, %(idempotency_key)s, %(request_sha256)s, %(timeout_ms)s,
-        %(max_attempts)s, %(submitted_by)s, %(peer_id)s)
+        %(queue_timeout_ms)s, %(max_attempts)s, %(submitted_by)s, %(peer_id)s)
 ON CONFLICT (submitted_by, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING *;
 
@@ -155,17 +155,19 @@ RETURNING *;
 -- Many submissions without an idempotency key in one statement (group commit).
 -- Rows go in the order given, so submitted_at keeps the order of arrival.
 INSERT INTO jobs (job_id, capability, region, inputs, params, resources, locality_key,
-                  request_sha256, timeout_ms, max_attempts, submitted_by, peer_id)
+                  request_sha256, timeout_ms, queue_timeout_ms, max_attempts, submitted_by,
+                  peer_id)
 SELECT j.job_id, j.capability, j.region, ARRAY(SELECT jsonb_array_elements_text(j.inputs)),
        j.params, j.resources, j.locality_key, j.request_sha256, j.timeout_ms,
-       j.max_attempts, j.submitted_by, j.peer_id
+       j.queue_timeout_ms, j.max_attempts, j.submitted_by, j.peer_id
 FROM unnest(%(job_ids)s::uuid[], %(capabilities)s::text[], %(regions)s::text[],
             %(inputs)s::jsonb[], %(params)s::jsonb[], %(resources)s::jsonb[],
             %(locality_keys)s::text[], %(request_sha256s)s::text[], %(timeout_ms)s::bigint[],
-            %(max_attempts)s::int[], %(submitted_by)s::text[], %(peer_ids)s::uuid[])
+            %(queue_timeout_ms)s::bigint[], %(max_attempts)s::int[], %(submitted_by)s::text[],
+            %(peer_ids)s::uuid[])
      WITH ORDINALITY AS j(job_id, capability, region, inputs, params, resources,
-                          locality_key, request_sha256, timeout_ms, max_attempts,
-                          submitted_by, peer_id, n)
+                          locality_key, request_sha256, timeout_ms, queue_timeout_ms,
+                          max_attempts, submitted_by, peer_id, n)
 ORDER BY j.n
 RETURNING *;
 
@@ -199,8 +201,9 @@ SELECT submitted_by FROM jobs WHERE job_id = %(job_id)s;
 
 -- name: assign_job
 -- Place (or re-place) a queued job: compare-and-set on its current placement,
--- so two sweepers cannot both move it.
-UPDATE jobs SET peer_id = %(peer_id)s, updated_at = clock_timestamp()
+-- so two sweepers cannot both move it. A job with a peer no longer waits for
+-- one: the reason it waited (note_waiting_reason) goes.
+UPDATE jobs SET peer_id = %(peer_id)s, error = '', updated_at = clock_timestamp()
 WHERE job_id = %(job_id)s AND state = 'queued'
   AND peer_id IS NOT DISTINCT FROM %(from_peer_id)s
 RETURNING *;
@@ -300,6 +303,7 @@ RETURNING *;
 -- transient failure the attempt counts (failed for good once they are used
 -- up); a draining peer's hand-back (`spare`) does not count. Every SET
 -- expression reads the row as it was, so handed_back below is the old value.
+-- Queued again, its queue timeout starts over.
 UPDATE jobs
 SET handed_back = handed_back + %(spare)s::int,
     state = CASE WHEN attempt - handed_back - %(spare)s::int >= max_attempts
@@ -308,6 +312,8 @@ SET handed_back = handed_back + %(spare)s::int,
                    THEN peer_id ELSE %(next_peer_id)s END,
     finished_at = CASE WHEN attempt - handed_back - %(spare)s::int >= max_attempts
                        THEN clock_timestamp() END,
+    queued_at = CASE WHEN attempt - handed_back - %(spare)s::int >= max_attempts
+                     THEN queued_at ELSE clock_timestamp() END,
     error = %(error)s, lease_expires_at = NULL, updated_at = clock_timestamp()
 WHERE job_id = %(job_id)s AND state = 'running' AND attempt = %(attempt)s
   AND peer_id = %(peer_id)s
@@ -323,6 +329,7 @@ LIMIT %(limit)s;
 -- name: rescue_job
 -- Compare-and-set on (running, same attempt, lease in the past): a completion
 -- or renewal that commits first makes this a no-op, never an overwrite.
+-- Queued again, its queue timeout starts over.
 UPDATE jobs
 SET state = CASE WHEN attempt - handed_back >= max_attempts
                  THEN 'failed'::job_state ELSE 'queued' END,
@@ -330,6 +337,8 @@ SET state = CASE WHEN attempt - handed_back >= max_attempts
                    THEN peer_id ELSE %(next_peer_id)s END,
     finished_at = CASE WHEN attempt - handed_back >= max_attempts
                        THEN clock_timestamp() END,
+    queued_at = CASE WHEN attempt - handed_back >= max_attempts
+                     THEN queued_at ELSE clock_timestamp() END,
     run_after = clock_timestamp() + %(backoff)s,
     error = %(error)s, lease_expires_at = NULL, updated_at = clock_timestamp()
 WHERE job_id = %(job_id)s AND state = 'running' AND attempt = %(attempt)s
@@ -367,6 +376,39 @@ SELECT * FROM jobs
 WHERE state = 'queued' AND peer_id IS NULL
 ORDER BY submitted_at, job_id
 LIMIT %(limit)s;
+
+-- name: note_waiting_reason
+-- Why an unplaced job waits, shown in its status until a peer takes it. Only
+-- when the text changes, so a sweep does not rewrite the row on every pass.
+-- Not a change of state: no event is recorded or announced (0002's trigger).
+UPDATE jobs SET error = %(reason)s, updated_at = clock_timestamp()
+WHERE job_id = %(job_id)s AND state = 'queued' AND peer_id IS NULL AND error <> %(reason)s
+RETURNING job_id;
+
+-- name: find_overdue_queued
+-- Queued jobs past their queue timeout by the database's clock, the longest
+-- overdue first. The deadline is spelled as the index jobs_queue_deadline
+-- (0005) has it, and compared with statement_timestamp() (stable, where
+-- clock_timestamp() is volatile and cannot bound an index scan), so the scan
+-- reads only overdue rows.
+SELECT * FROM jobs
+WHERE state = 'queued'
+  AND (queued_at AT TIME ZONE 'UTC') + queue_timeout_ms * interval '1 millisecond'
+      < (statement_timestamp() AT TIME ZONE 'UTC')
+ORDER BY (queued_at AT TIME ZONE 'UTC') + queue_timeout_ms * interval '1 millisecond', job_id
+LIMIT %(limit)s;
+
+-- name: fail_overdue_job
+-- QUEUED -> FAILED: no peer ran the job within its queue timeout. Compare-and-set
+-- on (queued, same attempt, still past its deadline): a claim that commits
+-- first makes this a no-op (every claim starts a new attempt).
+UPDATE jobs
+SET state = 'failed', error = %(error)s,
+    finished_at = clock_timestamp(), updated_at = clock_timestamp()
+WHERE job_id = %(job_id)s AND state = 'queued' AND attempt = %(attempt)s
+  AND (queued_at AT TIME ZONE 'UTC') + queue_timeout_ms * interval '1 millisecond'
+      < (statement_timestamp() AT TIME ZONE 'UTC')
+RETURNING *;
 
 -- name: job_events
 SELECT * FROM job_events WHERE job_id = %(job_id)s ORDER BY event_id;

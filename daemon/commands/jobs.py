@@ -18,6 +18,7 @@ from daemon.convert import PROTO_TO_JOB_STATE
 from daemon.exceptions import AnvilError, ErrorCode, InvalidArgument
 from daemon.jobs.state import JobState
 from daemon.pb.anvil import compute_pb2
+from daemon.registry.models import MAX_QUEUE_TIMEOUT_MS
 from daemon.status import error_code
 
 DEFAULT_ENDPOINT = "127.0.0.1:50051"
@@ -60,6 +61,14 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     submit.add_argument("--region", default="local")
     submit.add_argument("--timeout", type=float, default=0, help="seconds (default: peer's)")
+    submit.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="how long the job may wait queued for a peer before it fails "
+        "(default: the peer's queue_timeout_s)",
+    )
     submit.add_argument("--idempotency-key", default="")
     submit.add_argument("--locality-key", default="")
     submit.add_argument("--wait", action="store_true", help="follow the job and print its output")
@@ -132,7 +141,18 @@ def describe(status: compute_pb2.GetJobStatusResponse) -> dict[str, Any]:
     return out
 
 
+def _queue_timeout_ms(seconds: float) -> int:
+    """--queue-timeout in milliseconds; 0 leaves it to the peer. Raises InvalidArgument."""
+    if not (seconds == 0 or 0.001 <= seconds <= MAX_QUEUE_TIMEOUT_MS / 1000):
+        raise InvalidArgument(
+            f"--queue-timeout {seconds:g}: expected 0 (the peer's default) or "
+            f"0.001 to {MAX_QUEUE_TIMEOUT_MS // 1000} seconds"
+        )
+    return round(seconds * 1000)
+
+
 async def _submit(client: ComputeClient, args: argparse.Namespace) -> int:
+    queue_timeout_ms = _queue_timeout_ms(args.queue_timeout)
     inputs = await client.resolve_inputs(args.input, bucket=args.bucket)
     response = await client.submit(
         args.capability,
@@ -142,6 +162,7 @@ async def _submit(client: ComputeClient, args: argparse.Namespace) -> int:
         idempotency_key=args.idempotency_key,
         locality_key=args.locality_key,
         timeout_ms=int(args.timeout * 1000),
+        queue_timeout_ms=queue_timeout_ms,
     )
     if not args.wait:
         print(response.job_id)
@@ -172,7 +193,13 @@ async def _watch(client: ComputeClient, args: argparse.Namespace) -> int:
     async for status in client.watch(args.job_id):
         last = status
         where = f" on {status.peer_id}" if status.peer_id else ""
-        print(f"{state_name(status):<10} attempt {status.attempt}{where}", flush=True)
+        # A queued job's error says why it waits (no capable peer, a lost lease).
+        why = (
+            f": {status.error}"
+            if status.error and PROTO_TO_JOB_STATE[status.state] is JobState.QUEUED
+            else ""
+        )
+        print(f"{state_name(status):<10} attempt {status.attempt}{where}{why}", flush=True)
     if last is None:
         return 1
     return _print_final(last)

@@ -30,7 +30,8 @@ TERMINAL_STATES: frozenset[JobState] = frozenset(
 )
 
 # RUNNING -> QUEUED is a rescue (lease expired) or a hand-back (drain); both
-# make the next claim a new attempt.
+# make the next claim a new attempt. QUEUED -> FAILED: no peer ran the job
+# within its queue timeout.
 _ALLOWED: dict[JobState, frozenset[JobState]] = {
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED, JobState.FAILED}),
     JobState.RUNNING: frozenset(
@@ -57,8 +58,8 @@ def can_transition(current: JobState, target: JobState) -> bool:
 
 # Within one attempt a job only moves forward through these ranks: a claim
 # starts attempt n RUNNING; it ends QUEUED again (rescue, hand-back) or
-# terminal; a queued job is claimed (attempt n+1) or ends (cancel). Attempt 0
-# is the job as submitted, QUEUED.
+# terminal; a queued job is claimed (attempt n+1) or ends (cancel, queue
+# timeout). Attempt 0 is the job as submitted, QUEUED.
 _RANK = {JobState.RUNNING: 0, JobState.QUEUED: 1}
 
 

@@ -31,7 +31,14 @@ from daemon.jobs.state import FINISH_STATES, JobState
 from daemon.registry import queries
 from daemon.registry.batcher import Batcher, Failed
 from daemon.registry.driver import Pool, translate_errors
-from daemon.registry.models import AttemptResult, Job, JobEvent, JobSpec, SubmitResult
+from daemon.registry.models import (
+    DEFAULT_QUEUE_TIMEOUT_MS,
+    AttemptResult,
+    Job,
+    JobEvent,
+    JobSpec,
+    SubmitResult,
+)
 
 MAX_INLINE_OUTPUT = 4 * 1024 * 1024
 MIN_LEASE = timedelta(milliseconds=100)
@@ -96,12 +103,14 @@ class JobStore:
         job_id: uuid.UUID | None = None,
         peer_id: uuid.UUID | None = None,
         locality_key: str | None = None,
+        default_queue_timeout_ms: int = DEFAULT_QUEUE_TIMEOUT_MS,
     ) -> SubmitResult:
         """Insert a QUEUED job (placed on peer_id if given) or return the idempotent original.
 
         `locality_key` is the resolved placement key (default: the spec's, else
-        the job id). Raises IdempotencyConflict when the key was used for a
-        different request.
+        the job id); `default_queue_timeout_ms` the operator's queue timeout
+        (queue_timeout_s), kept with a job whose spec leaves it 0. Raises
+        IdempotencyConflict when the key was used for a different request.
         """
         job_id = job_id or uuid.uuid4()
         digest = spec.request_sha256()
@@ -116,6 +125,7 @@ class JobStore:
             "idempotency_key": spec.idempotency_key,
             "request_sha256": digest,
             "timeout_ms": spec.timeout_ms,
+            "queue_timeout_ms": spec.queue_timeout_ms or default_queue_timeout_ms,
             "max_attempts": spec.max_attempts,
             "submitted_by": spec.submitted_by,
             "peer_id": peer_id,
@@ -274,6 +284,7 @@ class JobStore:
                     "locality_keys": [p["locality_key"] for p in batch],
                     "request_sha256s": [p["request_sha256"] for p in batch],
                     "timeout_ms": [p["timeout_ms"] for p in batch],
+                    "queue_timeout_ms": [p["queue_timeout_ms"] for p in batch],
                     "max_attempts": [p["max_attempts"] for p in batch],
                     "submitted_by": [p["submitted_by"] for p in batch],
                     "peer_ids": [p["peer_id"] for p in batch],
@@ -411,6 +422,29 @@ class JobStore:
     async def list_unplaced(self, *, limit: int = 100) -> list[Job]:
         rows = await self._all("list_queued_unplaced", {"limit": limit})
         return [Job.from_row(row) for row in rows]
+
+    async def note_waiting(self, job_id: uuid.UUID, reason: str) -> bool:
+        """Record why an unplaced queued job waits (in its `error`); True if written.
+
+        False when the job is no longer queued and unplaced, or already says so.
+        Not a change of state: nothing is recorded in its events or announced.
+        """
+        return (
+            await self._one("note_waiting_reason", {"job_id": job_id, "reason": reason}) is not None
+        )
+
+    async def find_overdue(self, *, limit: int = 100) -> list[Job]:
+        """Queued jobs past their queue timeout (database clock), the longest overdue first."""
+        rows = await self._all("find_overdue_queued", {"limit": limit})
+        return [Job.from_row(row) for row in rows]
+
+    async def fail_overdue(self, job_id: uuid.UUID, *, attempt: int, error: str) -> Job | None:
+        """QUEUED -> FAILED with `error` if the job is still queued, at `attempt`, and
+        past its queue timeout; else None (claimed or cancelled since)."""
+        row = await self._one(
+            "fail_overdue_job", {"job_id": job_id, "attempt": attempt, "error": error}
+        )
+        return Job.from_row(row) if row is not None else None
 
     async def active_load(self) -> dict[uuid.UUID, int]:
         """Queued + running jobs per peer (peers with none are absent)."""

@@ -26,6 +26,10 @@ MAX_PARAM_BYTES = 64 * 1024
 MAX_IDEMPOTENCY_KEY = 256
 MAX_LOCALITY_KEY = 1024
 MAX_TIMEOUT_MS = 7 * 24 * 3600 * 1000
+# How long a job may wait queued for a peer before it fails: the operator's
+# default (queue_timeout_s) and the most a job may ask for.
+DEFAULT_QUEUE_TIMEOUT_MS = 24 * 3600 * 1000
+MAX_QUEUE_TIMEOUT_MS = 30 * 24 * 3600 * 1000
 DEFAULT_MAX_ATTEMPTS = 3
 MAX_ATTEMPTS_LIMIT = 100
 # A registered executor description, as stored (JSON): a module ref or an
@@ -245,6 +249,9 @@ class JobSpec:
     idempotency_key: str | None = None
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     submitted_by: str = ""
+    # How long it may wait queued for a peer before it fails; 0: the operator's
+    # default (queue_timeout_s of the peer that records it).
+    queue_timeout_ms: int = 0
 
     def __post_init__(self) -> None:
         validate_capability(self.capability)
@@ -253,6 +260,11 @@ class JobSpec:
             raise InvalidArgument(
                 f"timeout_ms must be between 0 (the capability's default) and "
                 f"{MAX_TIMEOUT_MS}, got {self.timeout_ms}"
+            )
+        if not 0 <= self.queue_timeout_ms <= MAX_QUEUE_TIMEOUT_MS:
+            raise InvalidArgument(
+                f"queue_timeout_ms must be between 0 (the operator's default) and "
+                f"{MAX_QUEUE_TIMEOUT_MS}, got {self.queue_timeout_ms}"
             )
         if not 1 <= self.max_attempts <= MAX_ATTEMPTS_LIMIT:
             raise InvalidArgument(
@@ -290,6 +302,10 @@ class JobSpec:
             "timeout_ms": self.timeout_ms,
             "max_attempts": self.max_attempts,
         }
+        if self.queue_timeout_ms:
+            # Only when asked for: a request that leaves it to the operator
+            # digests as it did before the field existed, so its retries match.
+            canonical["queue_timeout_ms"] = self.queue_timeout_ms
         blob = json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
 
@@ -322,6 +338,9 @@ class Job:
     updated_at: datetime
     # The next attempt may not be claimed before this (backoff after a rescue).
     run_after: datetime
+    # It fails (no peer ran it) once queued this long since it was last queued.
+    queue_timeout_ms: int
+    queued_at: datetime
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Job:
@@ -351,6 +370,8 @@ class Job:
             finished_at=row["finished_at"],
             updated_at=row["updated_at"],
             run_after=row["run_after"],
+            queue_timeout_ms=row["queue_timeout_ms"],
+            queued_at=row["queued_at"],
         )
 
 

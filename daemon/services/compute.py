@@ -62,6 +62,7 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
         resolve_module: Resolver,
         check_module: ModuleCheck,
         region: str,
+        queue_timeout_ms: int,
     ) -> None:
         self._registry = registry
         self._view = view
@@ -73,6 +74,8 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
         self._check_module = check_module
         # This peer's region: the default of a registration that names none.
         self._region = region
+        # The operator's queue timeout (queue_timeout_s) for a job that sets none.
+        self._queue_timeout_ms = queue_timeout_ms
 
     async def _visible_job(self, job_id: uuid.UUID) -> Job:
         """The job, if the caller may see it; raises JobNotFound otherwise."""
@@ -229,6 +232,7 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
             idempotency_key=request.idempotency_key or None,
             max_attempts=request.max_attempts or DEFAULT_MAX_ATTEMPTS,
             submitted_by=access.tenant_of(claims),
+            queue_timeout_ms=request.queue_timeout_ms,
         )
         if spec.idempotency_key is not None:
             # A retry of a submission that was recorded answers with that job even
@@ -250,7 +254,11 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
         )
         epoch = self._hub.epoch
         result = await self._registry.jobs.submit(
-            spec, job_id=job_id, peer_id=placement.peer_id, locality_key=key
+            spec,
+            job_id=job_id,
+            peer_id=placement.peer_id,
+            locality_key=key,
+            default_queue_timeout_ms=self._queue_timeout_ms,
         )
         job = result.job
         self._hub.publish(job, epoch=epoch)
@@ -287,7 +295,9 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
         async with self._hub.watch(job_id) as watch:
             job = await self._visible_job(job_id)
             while True:
-                seen = (job.state, job.attempt, job.peer_id)
+                # The error too: a queued job's reason for waiting changes with no
+                # event (not a change of state); the backstop read brings it.
+                seen = (job.state, job.attempt, job.peer_id, job.error)
                 if seen != last:
                     last = seen
                     yield compute_pb2.WatchJobResponse(status=convert.job_status(job))

@@ -42,6 +42,7 @@ submits = st.builds(
     timeout_ms=st.integers(0, 2**64 - 1),
     resources=st.dictionaries(text, text, max_size=3),
     max_attempts=st.integers(0, 2**32 - 1),
+    queue_timeout_ms=st.integers(0, 2**64 - 1),
 )
 ids = st.one_of(text, st.uuids().map(str))
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import uuid
 from collections import Counter
 from datetime import timedelta
@@ -18,9 +20,15 @@ from daemon.exceptions import (
     StaleAttempt,
 )
 from daemon.jobs.state import JobState
-from daemon.registry import Registry
+from daemon.registry import Registry, queries
 from daemon.registry.driver import translate_errors
-from daemon.registry.models import AttemptResult, Job, JobSpec
+from daemon.registry.models import (
+    DEFAULT_QUEUE_TIMEOUT_MS,
+    MAX_QUEUE_TIMEOUT_MS,
+    AttemptResult,
+    Job,
+    JobSpec,
+)
 
 LEASE = timedelta(seconds=30)
 SHORT_LEASE = timedelta(milliseconds=100)
@@ -558,3 +566,134 @@ async def test_prune_deletes_only_jobs_finished_before_the_retention(
         assert {row["job_id"] for row in await cur.fetchall()} == kept  # events went too
     with pytest.raises(InvalidArgument):
         await registry.jobs.prune(older_than=timedelta(0), limit=0)
+
+
+async def test_a_job_keeps_its_own_queue_timeout_or_the_operators(registry: Registry) -> None:
+    own = (await registry.jobs.submit(spec(queue_timeout_ms=5_000))).job
+    operators = (await registry.jobs.submit(spec(), default_queue_timeout_ms=7_000)).job
+    built_in = (await registry.jobs.submit(spec())).job
+    assert [j.queue_timeout_ms for j in (own, operators, built_in)] == [
+        5_000,
+        7_000,
+        DEFAULT_QUEUE_TIMEOUT_MS,
+    ]
+    # A burst goes in as one statement (insert_jobs), each row with its own.
+    results = await asyncio.gather(
+        *(
+            registry.jobs.submit(spec(params={"i": str(i)}, queue_timeout_ms=1_000 + i))
+            for i in range(20)
+        )
+    )
+    burst = [r.job for r in results]
+    assert len(await xmins(registry, [j.job_id for j in burst])) < len(burst)
+    assert [j.queue_timeout_ms for j in burst] == [1_000 + i for i in range(20)]
+    assert all(j.queued_at >= j.submitted_at for j in [own, *burst])
+    with pytest.raises(InvalidArgument, match="queue_timeout_ms must be between 0"):
+        spec(queue_timeout_ms=-1)
+    with pytest.raises(InvalidArgument, match="queue_timeout_ms must be between 0"):
+        spec(queue_timeout_ms=MAX_QUEUE_TIMEOUT_MS + 1)
+
+
+async def test_a_queue_timeout_is_part_of_the_request_an_idempotency_key_names(
+    registry: Registry,
+) -> None:
+    await registry.jobs.submit(spec(idempotency_key="q1", queue_timeout_ms=60_000))
+    again = await registry.jobs.submit(spec(idempotency_key="q1", queue_timeout_ms=60_000))
+    assert again.existing
+    with pytest.raises(IdempotencyConflict, match="different request"):
+        await registry.jobs.submit(spec(idempotency_key="q1"))
+    # Left to the operator, a request digests as it did before the field existed,
+    # so a retry across the upgrade still finds its job.
+    before = {
+        "capability": "text:wordcount",
+        "region": "local",
+        "inputs": [],
+        "params": {},
+        "resources": {},
+        "locality_key": "",
+        "timeout_ms": 10_000,
+        "max_attempts": 3,
+    }
+    blob = json.dumps(before, sort_keys=True, separators=(",", ":")).encode()
+    assert spec().request_sha256() == hashlib.sha256(blob).hexdigest()
+
+
+async def test_an_overdue_job_fails_only_while_queued_at_the_same_attempt(
+    registry: Registry,
+) -> None:
+    peer = uuid.uuid4()
+    job = (await registry.jobs.submit(spec(queue_timeout_ms=60_000), peer_id=peer)).job
+    assert await registry.jobs.find_overdue() == []
+    assert await registry.jobs.fail_overdue(job.job_id, attempt=0, error="e") is None
+    await queued_for(registry, job.job_id, seconds=61)
+    assert [j.job_id for j in await registry.jobs.find_overdue()] == [job.job_id]
+    # Claimed after the sweep's snapshot: the failure based on it is refused.
+    claimed = await registry.jobs.claim(job.job_id, peer, lease=LEASE)
+    assert claimed is not None
+    assert await registry.jobs.fail_overdue(job.job_id, attempt=0, error="e") is None
+    assert (await registry.jobs.get(job.job_id)).state is JobState.RUNNING
+    # Handed back: queued again, its queue timeout starts over.
+    released = await registry.jobs.release(
+        job.job_id, peer_id=peer, attempt=1, next_peer_id=None, error="drain", spare=True
+    )
+    assert released.queued_at > claimed.queued_at
+    assert await registry.jobs.find_overdue() == []
+    assert await registry.jobs.fail_overdue(job.job_id, attempt=1, error="e") is None
+    await queued_for(registry, job.job_id, seconds=61)
+    assert await registry.jobs.fail_overdue(job.job_id, attempt=0, error="e") is None
+    failed = await registry.jobs.fail_overdue(job.job_id, attempt=1, error="no peer ran it")
+    assert failed is not None
+    assert (failed.state, failed.error, failed.attempt) == (JobState.FAILED, "no peer ran it", 1)
+    assert failed.finished_at is not None
+    events = await registry.jobs.events(job.job_id)
+    assert (events[-1].from_state, events[-1].to_state, events[-1].detail) == (
+        JobState.QUEUED,
+        JobState.FAILED,
+        "no peer ran it",
+    )
+    assert await registry.jobs.find_overdue() == []
+
+
+async def test_the_overdue_scan_reads_only_overdue_rows_through_its_index(
+    registry: Registry,
+) -> None:
+    async with registry.pool.connection() as conn:
+        await conn.execute("SET enable_seqscan = off")
+        cur = await conn.execute(
+            "EXPLAIN (FORMAT JSON) " + queries.get("find_overdue_queued"), {"limit": 100}
+        )
+        (row,) = await cur.fetchall()
+        await conn.execute("RESET enable_seqscan")
+    plan = json.dumps(row["QUERY PLAN"])
+    assert '"Index Name": "jobs_queue_deadline"' in plan, plan
+    assert '"Index Cond"' in plan and "statement_timestamp()" in plan, plan
+
+
+async def test_a_waiting_reason_is_written_only_while_unplaced_and_when_it_changes(
+    registry: Registry,
+) -> None:
+    job = (await registry.jobs.submit(spec())).job
+    events = await registry.jobs.events(job.job_id)
+    assert await registry.jobs.note_waiting(job.job_id, "waiting: none")
+    written = await registry.jobs.get(job.job_id)
+    assert (written.state, written.error) == (JobState.QUEUED, "waiting: none")
+    assert not await registry.jobs.note_waiting(job.job_id, "waiting: none")
+    assert (await registry.jobs.get(job.job_id)).updated_at == written.updated_at
+    # Not a change of state: no event recorded (nor, by the same trigger, announced).
+    assert await registry.jobs.events(job.job_id) == events
+    # Placed, it no longer waits for a peer: the reason goes, and no new one comes.
+    peer = uuid.uuid4()
+    placed = await registry.jobs.assign(job.job_id, peer, from_peer_id=None)
+    assert placed.error == ""
+    assert not await registry.jobs.note_waiting(job.job_id, "waiting: other")
+    assert (await registry.jobs.get(job.job_id)).error == ""
+
+
+async def queued_for(registry: Registry, job_id: uuid.UUID, *, seconds: float) -> None:
+    """Move the job's queue clock: it was last queued `seconds` ago."""
+    async with registry.pool.connection() as conn:
+        await conn.execute(
+            "UPDATE jobs SET queued_at = clock_timestamp() - make_interval(secs => %s) "
+            "WHERE job_id = %s",
+            (seconds, job_id),
+        )

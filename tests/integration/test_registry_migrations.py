@@ -116,3 +116,45 @@ async def test_a_newer_database_is_refused(empty_database_url: str) -> None:
         )
     with pytest.raises(MigrationError, match="upgrade the daemon"):
         await _migrate(empty_database_url)
+
+
+async def test_version_6_gives_existing_jobs_a_queue_timeout_and_a_queued_at(
+    empty_database_url: str,
+) -> None:
+    """Upgrading a version-5 registry with jobs in it: none of them fails sooner
+    than it should, and every job inserted afterwards must bring its own timeout."""
+    before = [m for m in load_migrations() if m.version <= 5]
+    async with await psycopg.AsyncConnection.connect(empty_database_url, autocommit=True) as conn:
+        await conn.execute(
+            "CREATE TABLE schema_migrations (version INT PRIMARY KEY, name TEXT NOT NULL, "
+            "sha256 TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
+        for m in before:
+            await conn.execute(m.sql.encode())
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name, sha256) VALUES (%s, %s, %s)",
+                (m.version, m.name, m.sha256),
+            )
+        await conn.execute(
+            "INSERT INTO jobs (job_id, capability, region, locality_key, request_sha256, "
+            "timeout_ms, state, finished_at, submitted_at, updated_at) VALUES "
+            "('00000000-0000-0000-0000-000000000001', 'a:b', 'r', 'k', 'x', 0, 'queued', NULL, "
+            " '2026-01-01T00:00:00Z', '2026-01-01T05:00:00Z'), "
+            "('00000000-0000-0000-0000-000000000002', 'a:b', 'r', 'k', 'x', 0, 'failed', now(), "
+            " '2026-01-01T00:00:00Z', '2026-01-01T05:00:00Z')"
+        )
+    assert await _migrate(empty_database_url) == [6]
+    async with await psycopg.AsyncConnection.connect(empty_database_url, autocommit=True) as conn:
+        await conn.execute("SET TimeZone = 'UTC'")
+        cur = await conn.execute(
+            "SELECT state::text, queue_timeout_ms, queued_at::text FROM jobs ORDER BY job_id"
+        )
+        assert await cur.fetchall() == [
+            ("queued", 86_400_000, "2026-01-01 05:00:00+00"),  # its last update
+            ("failed", 86_400_000, "2026-01-01 00:00:00+00"),  # its submission
+        ]
+        with pytest.raises(psycopg.errors.NotNullViolation, match="queue_timeout_ms"):
+            await conn.execute(
+                "INSERT INTO jobs (job_id, capability, region, locality_key, request_sha256, "
+                "timeout_ms) VALUES (gen_random_uuid(), 'a:b', 'r', 'k', 'x', 0)"
+            )

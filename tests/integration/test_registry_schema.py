@@ -1,7 +1,7 @@
 """The registry schema after migrations, pinned object by object.
 
 A regression guard: the expected description below was written by reading the
-migrations sql/0001_registry.sql .. sql/0005_deployments.sql (plus the
+migrations sql/0001_registry.sql .. sql/0006_queue_timeout.sql (plus the
 `schema_migrations` bookkeeping table that daemon/registry/migrations.py
 creates), then cross-checked against what PostgreSQL reports. Any change to a
 migration's effect on tables, columns, constraints, indexes, triggers, trigger
@@ -72,7 +72,8 @@ COLUMNS: dict[str, list[Column]] = {
         Column("started_at", TZ, True, "now()"),
         Column("heartbeat_at", TZ, True, "now()"),
     ],
-    # 0001, then run_after (0002) and handed_back (0004) appended.
+    # 0001, then run_after (0002), handed_back (0004), queue_timeout_ms and
+    # queued_at (0006) appended.
     "jobs": [
         Column("job_id", "uuid", True),
         Column("capability", "text", True),
@@ -103,6 +104,9 @@ COLUMNS: dict[str, list[Column]] = {
         Column("run_after", TZ, True, f"'1970-01-01 00:00:00+00'::{TZ}"),
         # 0004.
         Column("handed_back", "integer", True, "0"),
+        # 0006: no default (dropped once the existing rows had theirs).
+        Column("queue_timeout_ms", "bigint", True),
+        Column("queued_at", TZ, True, "clock_timestamp()"),
     ],
     # 0001.
     "job_events": [
@@ -181,6 +185,8 @@ CONSTRAINTS: dict[str, dict[str, str]] = {
         # 0004.
         "jobs_handed_back_check": "CHECK ((handed_back >= 0))",
         "jobs_attempts_within_budget": "CHECK (((attempt - handed_back) <= max_attempts))",
+        # 0006.
+        "jobs_queue_timeout_ms_check": "CHECK ((queue_timeout_ms > 0))",
     },
     "job_events": {
         "job_events_pkey": "PRIMARY KEY (event_id)",
@@ -249,6 +255,13 @@ INDEXES: dict[str, dict[str, str]] = {
         "jobs_finished_at": (
             "CREATE INDEX jobs_finished_at ON public.jobs "
             "USING btree (finished_at) WHERE (finished_at IS NOT NULL)"
+        ),
+        # 0006: a queued job's deadline, in UTC (an index expression must be immutable).
+        "jobs_queue_deadline": (
+            "CREATE INDEX jobs_queue_deadline ON public.jobs USING btree "
+            "((((queued_at AT TIME ZONE 'UTC'::text) + "
+            "((queue_timeout_ms)::double precision * '00:00:00.001'::interval)))) "
+            "WHERE (state = 'queued'::job_state)"
         ),
     },
     "job_events": {

@@ -1,10 +1,12 @@
 """`daemon.jobs.state` states the machine the SQL keeps: checked on a real PostgreSQL.
 
 Every write in sql/queries.sql that moves a job (claim, claim_next, finish,
-release, rescue, cancel, assign, unplace) is tried on a job in every state,
-with attempts left and with none. A write the compare-and-set refuses leaves
-the job and its events as they were; a write it takes makes one change, and
-every change job_events records is one `can_transition` allows.
+release, rescue, cancel, assign, unplace, fail overdue) is tried on a job in
+every state, with attempts left and with none. A write the compare-and-set
+refuses leaves the job and its events as they were; a write it takes makes one
+change, and every change job_events records is one `can_transition` allows.
+A write that queues a job again starts its queue timeout over (queued_at); one
+that keeps it queued does not.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class Move:
     name: str
     act: Callable[[Registry, Job, uuid.UUID], Awaitable[object]]
     lease_ended: bool = False  # the job's lease runs out first (in SQL time)
+    overdue: bool = False  # the job has been queued past its queue timeout (in SQL time)
 
 
 def finishing(state: JobState) -> Move:
@@ -92,6 +95,10 @@ async def _unplace(registry: Registry, job: Job, other: uuid.UUID) -> object:
     return await registry.jobs.unplace_peer_queue(job.peer_id)
 
 
+async def _fail_overdue(registry: Registry, job: Job, other: uuid.UUID) -> object:
+    return await registry.jobs.fail_overdue(job.job_id, attempt=job.attempt, error="no peer ran it")
+
+
 MOVES = [
     Move("claim", _claim),
     Move("claim_next", _claim_next),
@@ -103,11 +110,12 @@ MOVES = [
     Move("cancel", _cancel),
     Move("assign", _assign),
     Move("unplace", _unplace),
+    Move("fail overdue", _fail_overdue, overdue=True),
 ]
 
 # Which writes the SQL takes, by the job's state: the machine as the store sees it.
 TAKEN = {
-    Q: {"claim", "claim_next", "cancel", "assign", "unplace"},
+    Q: {"claim", "claim_next", "cancel", "assign", "unplace", "fail overdue"},
     R: {
         "finish failed",
         "finish succeeded",
@@ -149,6 +157,15 @@ async def end_lease(registry: Registry, job_id: uuid.UUID) -> None:
         )
 
 
+async def end_queue_timeout(registry: Registry, job_id: uuid.UUID) -> None:
+    """Queued (or last queued) longer ago than its queue timeout, the default 24 h."""
+    async with registry.pool.connection() as conn:
+        await conn.execute(
+            "UPDATE jobs SET queued_at = queued_at - interval '2 days' WHERE job_id = %s",
+            (job_id,),
+        )
+
+
 async def take(move: Move, registry: Registry, job: Job) -> bool:
     """Whether the store took the write (the compare-and-set matched the row)."""
     try:
@@ -180,6 +197,9 @@ async def test_the_sql_moves_a_job_only_as_can_transition_allows(
             if move.lease_ended:
                 await end_lease(registry, job.job_id)
                 job = await registry.jobs.get(job.job_id)
+            if move.overdue:
+                await end_queue_timeout(registry, job.job_id)
+                job = await registry.jobs.get(job.job_id)
             events = await registry.jobs.events(job.job_id)
             took = await take(move, registry, job)
             after = await registry.jobs.get(job.job_id)
@@ -196,15 +216,19 @@ async def test_the_sql_moves_a_job_only_as_can_transition_allows(
                 assert state is Q and after.peer_id != job.peer_id, where
             else:
                 assert can_transition(state, after.state), f"{where}: {state} -> {after.state}"
+            if (state, after.state) == (R, Q):  # queued again: its queue timeout starts over
+                assert after.queued_at > job.queued_at, where
+            else:
+                assert after.queued_at == job.queued_at, where
     assert taken == TAKEN
 
     # Every state change recorded, by these moves and by the writes that set the
-    # jobs up: allowed. The last attempt's release and rescue end it FAILED.
+    # jobs up: allowed. The last attempt's release and rescue end it FAILED; a
+    # job queued past its queue timeout ends FAILED without running.
     changes = await state_changes(registry)
     assert all(can_transition(a, b) for a, b in changes), changes
     allowed = {(a, b) for a in JobState for b in JobState if can_transition(a, b)}
-    # The one allowed change no query makes: nothing fails a job that never ran.
-    assert allowed - changes == {(Q, JobState.FAILED)}
+    assert allowed == changes, "every change the machine allows, some query makes"
 
 
 async def test_every_job_starts_queued(registry: Registry) -> None:

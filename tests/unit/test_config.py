@@ -62,6 +62,14 @@ def test_job_retention_defaults_to_a_week_and_zero_keeps_jobs() -> None:
     assert config.load(environ={"ANVIL_JOB_RETENTION_S": "0"}).job_retention_s == 0
 
 
+@pytest.mark.parametrize("value", ["0", "-5", "0.0004", "nan", "inf", str(31 * 24 * 3600)])
+def test_queue_timeout_defaults_to_a_day_and_must_be_positive_and_bounded(value: str) -> None:
+    assert config.load(environ={}).queue_timeout_s == 24 * 3600
+    assert config.load(environ={"ANVIL_QUEUE_TIMEOUT_S": "90"}).queue_timeout_s == 90
+    with pytest.raises(ConfigError, match="bad value for 'queue_timeout_s'"):
+        config.load(environ={"ANVIL_QUEUE_TIMEOUT_S": value})
+
+
 def test_gpu_devices_from_toml_lists_or_comma_separated_env() -> None:
     assert config.load(environ={}).gpu_devices == ("nvidia.com/gpu=all",)
     two = config.load(environ={"ANVIL_GPU_DEVICES": "nvidia.com/gpu=0, nvidia.com/gpu=1"})

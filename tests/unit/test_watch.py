@@ -45,6 +45,8 @@ def job(state: JobState, attempt: int, *, job_id: uuid.UUID | None = None) -> Jo
         finished_at=None,
         updated_at=NOW,
         run_after=NOW,
+        queue_timeout_ms=86_400_000,
+        queued_at=NOW,
     )
 
 

@@ -488,6 +488,7 @@ class SubmitJobRequest(_message.Message):
     TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     RESOURCES_FIELD_NUMBER: _builtins.int
     MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    QUEUE_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     capability: _builtins.str
     region: _builtins.str
     locality_key: _builtins.str
@@ -504,6 +505,12 @@ class SubmitJobRequest(_message.Message):
     """
     max_attempts: _builtins.int
     """Attempts before the job fails for good; zero means the default (3)."""
+    queue_timeout_ms: _builtins.int
+    """How long the job may wait queued for a peer, counted from when it was last
+    queued (submitted, rescued, handed back), before it fails with an error
+    saying no peer ran it; zero means the receiving peer's queue_timeout_s
+    (default 24 h). At most 30 days.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Object references: anvil://bucket/key[?version=], s3://bucket/key, sha256:<hex>."""
@@ -526,10 +533,11 @@ class SubmitJobRequest(_message.Message):
         timeout_ms: _builtins.int = ...,
         resources: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         max_attempts: _builtins.int = ...,
+        queue_timeout_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "locality_key", b"locality_key", "max_attempts", b"max_attempts", "params", b"params", "region", b"region", "resources", b"resources", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "locality_key", b"locality_key", "max_attempts", b"max_attempts", "params", b"params", "queue_timeout_ms", b"queue_timeout_ms", "region", b"region", "resources", b"resources", "timeout_ms", b"timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
