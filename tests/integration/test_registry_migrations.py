@@ -77,6 +77,7 @@ async def test_migrations_from_empty_build_every_table(empty_database_url: str) 
     assert tables == [
         "capability_executors",
         "compute_capabilities",
+        "fleet_deployments",
         "job_events",
         "jobs",
         "peers",
