@@ -189,3 +189,25 @@ class PeerFactory:
                 peer.terminate(timeout=30)
             except subprocess.TimeoutExpired:
                 peer.kill()
+
+
+def cli(peer: Peer, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`anvil-compute ARGS` against `peer`, finding its tokens in its data directory
+    (not $ANVIL_TOKEN)."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "daemon.cli",
+            *args,
+            "--endpoint",
+            peer.address,
+            "--data-dir",
+            str(peer.data_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env={k: v for k, v in os.environ.items() if k != "ANVIL_TOKEN"},
+    )

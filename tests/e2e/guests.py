@@ -30,6 +30,18 @@ SLEEP_WAT = """
     (i32.store (i32.const 304) (i32.const 6))
     (drop (call $write (i32.const 1) (i32.const 300) (i32.const 1) (i32.const 400)))))
 """
+# Prints WORD on stdout and exits 0.
+SAY_WAT = r"""
+(module
+  (import "wasi_snapshot_preview1" "fd_write"
+    (func $write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 100) "WORD")
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 100))
+    (i32.store (i32.const 4) (i32.const LEN))
+    (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))
+"""
 SPIN_WAT = '(module (memory (export "memory") 1) (func (export "_start") (loop br 0)))'
 TRAP_WAT = '(module (memory (export "memory") 1) (func (export "_start") unreachable))'
 
@@ -38,6 +50,12 @@ def write_guest(directory: Path, name: str, wat: str) -> Path:
     path = directory / f"{name}.wasm"
     path.write_bytes(wasmtime.wat2wasm(wat))
     return path
+
+
+def say(directory: Path, word: str) -> Path:
+    """A guest that prints `word` (ASCII, no quotes)."""
+    wat = SAY_WAT.replace("WORD", word).replace("LEN", str(len(word)))
+    return write_guest(directory, f"say-{word}", wat)
 
 
 def examples_config(max_concurrency: int = 4) -> str:

@@ -16,29 +16,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from daemon.client import ComputeClient
-from tests.e2e.cluster import Peer, PeerFactory
+from tests.e2e.cluster import Peer, PeerFactory, cli
 from tests.e2e.guests import examples_config
 
 pytestmark = pytest.mark.e2e
-
-
-def cli(peer: Peer, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "daemon.cli",
-            *args,
-            "--endpoint",
-            peer.address,
-            "--data-dir",
-            str(peer.data_dir),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 @pytest.fixture

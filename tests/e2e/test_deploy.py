@@ -4,7 +4,6 @@ to one peer or a whole region, and what is refused."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -23,30 +22,11 @@ from daemon.convert import PROTO_TO_JOB_STATE
 from daemon.jobs.state import JobState
 from daemon.pb.anvil import compute_pb2
 from hrw import reference
-from tests.e2e.cluster import Peer, PeerFactory
-from tests.e2e.guests import examples_config, write_guest
+from tests.e2e.cluster import Peer, PeerFactory, cli
+from tests.e2e.guests import examples_config, say, write_guest
 from tests.eventually import eventually
 
 pytestmark = pytest.mark.e2e
-
-# Prints WORD and exits 0.
-SAY_WAT = r"""
-(module
-  (import "wasi_snapshot_preview1" "fd_write"
-    (func $write (param i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 1)
-  (data (i32.const 100) "WORD")
-  (func (export "_start")
-    (i32.store (i32.const 0) (i32.const 100))
-    (i32.store (i32.const 4) (i32.const LEN))
-    (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))
-"""
-
-
-def say(directory: Path, word: str) -> Path:
-    return write_guest(
-        directory, f"say-{word}", SAY_WAT.replace("WORD", word).replace("LEN", str(len(word)))
-    )
 
 
 def operator(peer: Peer) -> ComputeClient:
@@ -55,26 +35,6 @@ def operator(peer: Peer) -> ComputeClient:
 
 def state(status: compute_pb2.GetJobStatusResponse) -> JobState:
     return PROTO_TO_JOB_STATE[status.state]
-
-
-def cli(peer: Peer, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "daemon.cli",
-            *args,
-            "--endpoint",
-            peer.address,
-            "--data-dir",
-            str(peer.data_dir),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={k: v for k, v in os.environ.items() if k != "ANVIL_TOKEN"},
-    )
 
 
 def wasm(ref: str, sha256: str = "") -> compute_pb2.Executor:

@@ -31,7 +31,7 @@ from daemon.pb.anvil import compute_pb2
 from daemon.storage.anvil_client import AnvilClient
 from daemon.storage.refs import parse_ref
 from tests.e2e.cluster import Peer, PeerFactory
-from tests.e2e.guests import examples_config, write_guest
+from tests.e2e.guests import examples_config, say, write_guest
 from tests.eventually import eventually
 
 pytestmark = pytest.mark.e2e
@@ -61,18 +61,6 @@ NUL_STDERR_WAT = """
     (i32.store (i32.const 4) (i32.const 13))
     (drop (call $write (i32.const 2) (i32.const 0) (i32.const 1) (i32.const 8)))
     (call $exit (i32.const 1))))
-"""
-# Prints "A" (the module first registered) or "B" (what a writer put there later).
-PRINT_WAT = """
-(module
-  (import "wasi_snapshot_preview1" "fd_write"
-    (func $write (param i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 1)
-  (data (i32.const 100) "LETTER")
-  (func (export "_start")
-    (i32.store (i32.const 0) (i32.const 100))
-    (i32.store (i32.const 4) (i32.const 1))
-    (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))
 """
 
 
@@ -158,7 +146,7 @@ async def test_a_peer_token_registers_for_that_peer_only(
     peer: Peer, peers: PeerFactory, tmp_path: Path
 ) -> None:
     async with peer.client() as client:
-        ref = await client.upload(write_guest(tmp_path, "a", PRINT_WAT.replace("LETTER", "A")))
+        ref = await client.upload(say(tmp_path, "A"))
     own = token(peers, f"peer:{peer.peer_id}", auth.SCOPE_PEER)
     other = token(peers, f"peer:{uuid.uuid4()}", auth.SCOPE_PEER)
     request = registration(peer.peer_id, "test:own", module_ref=ref)
@@ -202,7 +190,7 @@ async def test_registration_is_checked_before_anything_is_written(
 
 
 async def test_an_unpinned_module_ref_is_pinned_when_registered(peer: Peer, tmp_path: Path) -> None:
-    module = write_guest(tmp_path, "a", PRINT_WAT.replace("LETTER", "A"))
+    module = say(tmp_path, "A")
     async with peer.client() as client:
         ref = await client.upload(module)
     unpinned = parse_ref(ref).location
@@ -481,14 +469,14 @@ async def test_a_configured_module_runs_the_bytes_pinned_at_start(
     peers: PeerFactory, tmp_path: Path
 ) -> None:
     first = await asyncio.to_thread(peers.start, config=examples_config())
-    original = write_guest(tmp_path, "a", PRINT_WAT.replace("LETTER", "A"))
+    original = say(tmp_path, "A")
     async with first.client() as client:
         ref = await client.upload(original)
     location = parse_ref(ref)
     config = f'[capabilities."test:letter"]\nwasm = "{location.location}"\n'
     peer = await asyncio.to_thread(peers.start, config=config)
     # A tenant with write access to that key replaces the module's bytes.
-    replacement = write_guest(tmp_path, "b", PRINT_WAT.replace("LETTER", "B"))
+    replacement = say(tmp_path, "B")
     async with AnvilClient.connect(peer.address, token=peer.token) as objects:
         await objects.put_file(replacement, bucket=location.bucket, key=location.key)
         assert (await objects.head(parse_ref(location.location))).sha256 != location.sha256

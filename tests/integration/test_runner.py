@@ -224,28 +224,46 @@ class SlowFabric(Fabric):
         return await super().put_file(path, bucket=bucket, key=key)
 
 
-async def test_storing_outputs_counts_against_the_jobs_timeout(
-    registry: Registry, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(attempt_mod, "UPLOAD_GRACE_S", 0.2)
+async def run_one(
+    registry: Registry,
+    database_url: str,
+    tmp_path: Path,
+    executor: object,
+    *,
+    timeout_ms: int = 5000,
+    fabric_type: type[Fabric] = Fabric,
+) -> Job:
+    """Submit one job of a capability `executor` runs, start a runner on it, and
+    return the job once it has ended."""
     peer = uuid.uuid4()
-    cap = LocalCapability(name="test:files", kind="wasm", module=str(tmp_path / "m.wasm"))
-    job = (
-        await registry.jobs.submit(
-            JobSpec(capability="test:files", region="local", timeout_ms=500), peer_id=peer
-        )
-    ).job
-    began = time.monotonic()
+    cap = LocalCapability(name="test:one", kind="wasm", module=str(tmp_path / "m.wasm"))
+    spec = JobSpec(capability="test:one", region="local", timeout_ms=timeout_ms)
+    job = (await registry.jobs.submit(spec, peer_id=peer)).job
     async with started_runner(
         registry,
         database_url,
         tmp_path,
         peer=peer,
         cap=cap,
-        executor=LeavesFiles(JobState.SUCCEEDED, 50),  # 50 x 0.2 s to store
-        fabric_type=SlowFabric,
+        executor=executor,
+        fabric_type=fabric_type,
     ):
-        final = await ended(registry, job.job_id)
+        return await ended(registry, job.job_id)
+
+
+async def test_storing_outputs_counts_against_the_jobs_timeout(
+    registry: Registry, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(attempt_mod, "UPLOAD_GRACE_S", 0.2)
+    began = time.monotonic()
+    final = await run_one(
+        registry,
+        database_url,
+        tmp_path,
+        LeavesFiles(JobState.SUCCEEDED, 50),  # 50 x 0.2 s to store
+        timeout_ms=500,
+        fabric_type=SlowFabric,
+    )
     assert final.state is JobState.TIMED_OUT, final
     assert "storing the job's outputs did not finish within its timeout of 0.5 s" in final.error
     assert final.output_refs == ()
@@ -255,22 +273,7 @@ async def test_storing_outputs_counts_against_the_jobs_timeout(
 async def test_nothing_of_a_failed_attempt_is_stored(
     registry: Registry, database_url: str, tmp_path: Path
 ) -> None:
-    peer = uuid.uuid4()
-    cap = LocalCapability(name="test:files", kind="wasm", module=str(tmp_path / "m.wasm"))
-    job = (
-        await registry.jobs.submit(
-            JobSpec(capability="test:files", region="local", timeout_ms=5000), peer_id=peer
-        )
-    ).job
-    async with started_runner(
-        registry,
-        database_url,
-        tmp_path,
-        peer=peer,
-        cap=cap,
-        executor=LeavesFiles(JobState.FAILED, 3),
-    ):
-        final = await ended(registry, job.job_id)
+    final = await run_one(registry, database_url, tmp_path, LeavesFiles(JobState.FAILED, 3))
     assert final.state is JobState.FAILED
     assert final.output_refs == ()
     # Its stdout is kept inline, cut to max_inline_output; no object was stored.
@@ -297,19 +300,9 @@ class LeavesNested:
 async def test_nested_outputs_keep_their_folders_in_object_keys(
     registry: Registry, database_url: str, tmp_path: Path
 ) -> None:
-    peer = uuid.uuid4()
-    cap = LocalCapability(name="test:nested", kind="wasm", module=str(tmp_path / "m.wasm"))
-    job = (
-        await registry.jobs.submit(
-            JobSpec(capability="test:nested", region="local", timeout_ms=5000), peer_id=peer
-        )
-    ).job
-    async with started_runner(
-        registry, database_url, tmp_path, peer=peer, cap=cap, executor=LeavesNested()
-    ):
-        final = await ended(registry, job.job_id)
+    final = await run_one(registry, database_url, tmp_path, LeavesNested())
     assert final.state is JobState.SUCCEEDED, final.error
     keys = [parse_ref(ref).key for ref in final.output_refs]
-    assert keys == [f"{job.job_id}/1/output/a/x", f"{job.job_id}/1/output/b/x"]
+    assert keys == [f"{final.job_id}/1/output/a/x", f"{final.job_id}/1/output/b/x"]
     store = LocalStore(tmp_path / "data")
     assert [store.head("anvil-results", k).size for k in keys] == [1, 1]
