@@ -24,7 +24,7 @@ import grpc
 
 import hrw
 from daemon import auth
-from daemon.capability_config import LocalCapability
+from daemon.capability_config import LocalCapability, example_capabilities
 from daemon.config import Settings
 from daemon.deployer import Deployer
 from daemon.exceptions import AnvilError, ConfigError, FailedPrecondition
@@ -143,6 +143,12 @@ class Node:
             ", ".join(sorted(c.name for c in self.capabilities)) or "none",
             self.hrw_backend,
         )
+        examples = {str(c.module) for c in example_capabilities()}
+        if not examples & {c.module for c in self.capabilities}:
+            log.info(
+                "the example capabilities are not offered: the config's [capabilities] "
+                'tables replace them; name one as wasm = "builtin:text-wordcount" to keep it'
+            )
 
     # -- phases ---------------------------------------------------------------
     async def _start_registry(self) -> None:
