@@ -11,7 +11,6 @@ else is logged with its traceback, and only cancellation ends the loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -19,6 +18,24 @@ from typing import Any
 from daemon.exceptions import AnvilError
 
 log = logging.getLogger(__name__)
+
+# How long `Background.close` waits for cancelled tasks to end.
+CLOSE_WAIT_S = 10.0
+
+
+async def wait_set(event: asyncio.Event, timeout_s: float) -> bool:
+    """Wait until `event` is set or `timeout_s` passes; True if it was set.
+
+    asyncio.timeout rather than wait_for: on Python 3.11, wait_for may swallow
+    a cancellation that arrives just as the event is set (it returns instead),
+    and a loop that is being stopped then goes round again for ever.
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
 
 
 async def every(
@@ -41,8 +58,7 @@ async def every(
             if wake is None:
                 await asyncio.sleep(interval_s)
             else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), interval_s)
+                await wait_set(wake, interval_s)
                 wake.clear()
         first = False
         try:
@@ -65,13 +81,19 @@ class Background:
         return task
 
     async def close(self) -> None:
+        """Cancel every task and wait for them, CLOSE_WAIT_S at most: a task that
+        ignores its cancellation is reported, and the shutdown goes on."""
         tasks, self._tasks = self._tasks, []
+        if not tasks:
+            return
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            except Exception:  # a loop that died must not stop a shutdown
-                log.exception("background task %s had failed", task.get_name())
+        done, pending = await asyncio.wait(tasks, timeout=CLOSE_WAIT_S)
+        for task in pending:
+            log.error("background task %s did not stop when cancelled", task.get_name())
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                # A loop that died must not stop a shutdown.
+                log.error(
+                    "background task %s had failed", task.get_name(), exc_info=task.exception()
+                )

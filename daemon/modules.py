@@ -119,9 +119,8 @@ async def check_fetched(fetcher: Fetcher, ref: str) -> None:
     """
     async with fetcher.open(ref) as obj:
         try:
-            await asyncio.wait_for(
-                asyncio.to_thread(check_module_file, obj.path, obj.sha256), CHECK_TIMEOUT_S
-            )
+            async with asyncio.timeout(CHECK_TIMEOUT_S):
+                await asyncio.to_thread(check_module_file, obj.path, obj.sha256)
         except TimeoutError:
             raise FailedPrecondition(
                 f"module {ref} took longer than {CHECK_TIMEOUT_S:g} s to compile"

@@ -31,6 +31,7 @@ from daemon.jobs.attempt import AttemptOptions, AttemptRunner, Workspace
 from daemon.jobs.events import JobEventHub
 from daemon.jobs.slots import Slots
 from daemon.jobs.state import JobState
+from daemon.loops import wait_set
 from daemon.registry import Registry
 from daemon.registry.models import AttemptResult, Job
 from daemon.storage.fabric import Fabric
@@ -215,8 +216,7 @@ class Runner:
     # -- claiming --------------------------------------------------------------
     async def _claim_loop(self) -> None:
         while not self._draining:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._options.poll_interval_s)
+            await wait_set(self._wake, self._options.poll_interval_s)
             self._wake.clear()
             try:
                 await self._claim_free_slots()

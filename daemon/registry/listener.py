@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from daemon.loops import Background
+from daemon.loops import Background, wait_set
 from daemon.registry.driver import CONNECT_OPTIONS
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,8 @@ class Listener:
     async def start(self, *, timeout: float = 10.0) -> None:
         """Connect and begin listening; wait until the first LISTEN is in place."""
         self._background.start("registry-listener", self._run())
-        await asyncio.wait_for(self._connected.wait(), timeout)
+        if not await wait_set(self._connected, timeout):
+            raise TimeoutError(f"no LISTEN connection within {timeout:g} s")
 
     async def close(self) -> None:
         await self._background.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
@@ -24,6 +23,7 @@ from daemon.jobs.events import JobEventHub
 from daemon.jobs.peer_view import PeerView
 from daemon.jobs.placer import Placer, Wanted
 from daemon.jobs.scheduler import locality_key
+from daemon.loops import wait_set
 from daemon.modules import ModuleCheck, Resolver, is_object_ref, pin_module
 from daemon.pb.anvil import compute_pb2, compute_pb2_grpc
 from daemon.registry import Registry
@@ -303,10 +303,9 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
                     yield compute_pb2.WatchJobResponse(status=convert.job_status(job))
                 if job.state.terminal:
                     return
-                try:
-                    await asyncio.wait_for(watch.changed.wait(), WATCH_BACKSTOP_S)
+                if await wait_set(watch.changed, WATCH_BACKSTOP_S):
                     job, read = watch.take(job)
-                except TimeoutError:
+                else:
                     read = True  # the backstop: a lost notification cannot stall a stream
                 if read:
                     job = await self._registry.jobs.get(job_id)
