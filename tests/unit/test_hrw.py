@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -20,14 +21,26 @@ import hrw
 BACKENDS: list[hrw.membership.Backend] = ["jit", "numpy"]
 
 
+# shared/hrw_vectors.json, which every implementation must reproduce, lives
+# beside a checkout; a clone made elsewhere (a temp folder, a CI workspace) uses
+# this copy of it, pinned by digest and compared with the original when present.
+SHARED_VECTORS = Path(__file__).parents[3] / "shared" / "hrw_vectors.json"
+VECTORS_COPY = Path(__file__).with_name("hrw_vectors.json")
+VECTORS_SHA256 = "3a56ce9906028175ecfa304dd0bd23cbcebd38246bba49ccb8bdf88f0abf4898"
+
+
 def _vectors_path() -> Path:
-    beside_clone = Path(__file__).parents[3] / "shared" / "hrw_vectors.json"
-    if beside_clone.is_file():
-        return beside_clone
     from_env = os.environ.get("ANVIL_HRW_VECTORS")
     if from_env:
         return Path(from_env)
-    pytest.fail(f"HRW test vectors not found at {beside_clone} and ANVIL_HRW_VECTORS is not set")
+    return SHARED_VECTORS if SHARED_VECTORS.is_file() else VECTORS_COPY
+
+
+def test_the_vectors_copy_is_the_shared_file() -> None:
+    copy = VECTORS_COPY.read_bytes()
+    assert hashlib.sha256(copy).hexdigest() == VECTORS_SHA256
+    if SHARED_VECTORS.is_file():
+        assert copy == SHARED_VECTORS.read_bytes(), "refresh tests/unit/hrw_vectors.json"
 
 
 VECTORS: dict[str, Any] = json.loads(_vectors_path().read_text())
