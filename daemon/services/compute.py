@@ -223,7 +223,7 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
         access.check_submit(claims, request.capability)
         spec = JobSpec(
             capability=request.capability,
-            region=request.region,
+            region=request.region or self._region,
             timeout_ms=request.timeout_ms,
             inputs=tuple(request.inputs),
             params=dict(request.params),

@@ -6,6 +6,8 @@ import asyncio
 
 import pytest
 
+from daemon.convert import PROTO_TO_JOB_STATE
+from daemon.jobs.state import JobState
 from tests.e2e.cluster import PeerFactory
 from tests.e2e.guests import examples_config
 
@@ -19,3 +21,12 @@ async def test_placement_kernels_are_loaded_before_ready(peers: PeerFactory) -> 
     assert peer.metric("anvil_compute_ready") == 1
     assert peer.metric("anvil_compute_peer_info", hrw_backend="jit") == 1
     assert "hrw jit" in peer.log()
+
+
+async def test_a_job_that_names_no_region_runs_in_the_receiving_peers(
+    peers: PeerFactory,
+) -> None:
+    peer = await asyncio.to_thread(peers.start, config=examples_config(), ANVIL_REGION="eu-2")
+    async with peer.client() as client:
+        final = await client.wait((await client.submit("text:wordcount", region="")).job_id)
+    assert (final.region, PROTO_TO_JOB_STATE[final.state]) == ("eu-2", JobState.SUCCEEDED)

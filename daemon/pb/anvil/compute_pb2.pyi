@@ -491,6 +491,7 @@ class SubmitJobRequest(_message.Message):
     QUEUE_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     capability: _builtins.str
     region: _builtins.str
+    """Empty means the receiving peer's region."""
     locality_key: _builtins.str
     """Placement key; defaults to the first input's object key, else the job id."""
     idempotency_key: _builtins.str
