@@ -38,6 +38,7 @@ from daemon.executors.podman.service import PodmanService
 from daemon.executors.result import ExecutionRequest, ExecutionResult, RunEnd, ending
 from daemon.jobs.state import JobState
 from tests.integration.containers import OWNER, TEXT
+from tests.readable_copy import readable_copy
 
 pytestmark = pytest.mark.podman
 
@@ -515,7 +516,7 @@ def _run_as(user: tuple[int, int], socket: Path, image: str) -> dict[str, Any]:
         env = {
             "PATH": os.environ["PATH"],
             "HOME": str(work),
-            "PYTHONPATH": str(REPO),
+            "PYTHONPATH": readable_copy(work / "src"),
             "PYTHONDONTWRITEBYTECODE": "1",
         }
         as_user = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--init-groups", "--"]

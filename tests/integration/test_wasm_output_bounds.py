@@ -39,6 +39,7 @@ from daemon.executors.wasm.limits import (
 )
 from daemon.executors.wasm.pool import PoolSettings
 from tests.eventually import eventually
+from tests.readable_copy import readable_copy
 
 LIMIT = 16 * MIB
 # Neither fuel nor the deadline ends these guests: only the /output bound can.
@@ -425,7 +426,10 @@ def test_a_worker_started_as_an_ordinary_user_gets_its_bounded_tmpfs() -> None:
             timeout=90,
             check=False,
             cwd=base,
-            env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{INTEGRATION}"},
+            env={
+                **os.environ,
+                "PYTHONPATH": readable_copy(base / "src", INTEGRATION / "test_wasm_guests.py"),
+            },
         )
         assert done.returncode == 0, done.stderr[-3000:]
         seen = json.loads(done.stdout)
