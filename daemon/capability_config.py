@@ -24,7 +24,7 @@ with the package (`guest_modules/dist`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -133,10 +133,7 @@ def from_registered(
     raw = body.get("limits") or {}
     try:
         limits = CapabilityLimits(
-            **{
-                k: int(raw.get(k, 0))
-                for k in ("timeout_ms", "fuel", "memory_mib", "cpu_millis", "pids")
-            }
+            **{f.name: int(raw.get(f.name, 0)) for f in fields(CapabilityLimits)}
         )
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"capability {name!r}: bad limits {dict(raw)!r}") from exc

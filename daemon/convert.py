@@ -10,7 +10,13 @@ from google.protobuf import json_format, timestamp_pb2
 from daemon.exceptions import InvalidArgument
 from daemon.jobs.state import JobState
 from daemon.pb.anvil import compute_pb2
-from daemon.registry.models import Capability, Job
+from daemon.registry.models import (
+    SOURCE_FLEET,
+    STATUS_PENDING,
+    Capability,
+    FleetDeployment,
+    Job,
+)
 
 JOB_STATE_TO_PROTO: dict[JobState, int] = {
     JobState.QUEUED: compute_pb2.JOB_STATE_QUEUED,
@@ -72,8 +78,10 @@ def executor_from_dict(data: dict[str, Any]) -> compute_pb2.Executor:
 
 
 def capability_message(
-    cap: Capability, *, queued: int = 0, running: int = 0
+    cap: Capability, *, load: tuple[int, int] = (0, 0)
 ) -> compute_pb2.Capability:
+    """A registry row; `load`: its (queued, running) jobs."""
+    queued, running = load
     return compute_pb2.Capability(
         peer_id=str(cap.peer_id),
         region=cap.region,
@@ -86,4 +94,17 @@ def capability_message(
         source=cap.source,
         queued_jobs=queued,
         running_jobs=running,
+    )
+
+
+def fleet_message(deployment: FleetDeployment) -> compute_pb2.Capability:
+    """A deployment to every peer of a region: no peer of its own, pending until they check it."""
+    return compute_pb2.Capability(
+        region=deployment.region,
+        capability=deployment.capability,
+        resources=dict(deployment.resources),
+        max_concurrency=deployment.max_concurrency,
+        executor=executor_from_dict(dict(deployment.executor)),
+        status=STATUS_PENDING,
+        source=SOURCE_FLEET,
     )

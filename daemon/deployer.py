@@ -32,6 +32,7 @@ from daemon.registry.models import (
     CapabilitySpec,
     FleetDeployment,
     failed_status,
+    same_terms,
 )
 
 log = logging.getLogger(__name__)
@@ -48,17 +49,18 @@ class Deployer:
         registry: Registry,
         peer_id: uuid.UUID,
         region: str,
-        config: tuple[LocalCapability, ...],
+        config: Callable[[], tuple[LocalCapability, ...]],
         kinds: Collection[str],
         check_module: ModuleCheck,
         apply: Callable[[Mapping[str, LocalCapability]], None],
     ) -> None:
-        """`kinds`: the executors this peer has; `apply(capabilities)` hands the
-        runner what to claim."""
+        """`config()`: the capabilities this peer's config gives now (they win over a
+        deployment of the same name); `kinds`: the executors this peer has;
+        `apply(capabilities)` hands the runner what to claim."""
         self._registry = registry
         self._peer_id = peer_id
         self._region = region
-        self.config = config
+        self._config = config
         self._kinds = frozenset(kinds)
         self._check_module = check_module
         self._apply = apply
@@ -71,7 +73,7 @@ class Deployer:
         """One pass: materialize the region's fleet deployments, check pending rows,
         hand the runner the result (returned). Raises the registry's errors."""
         caps = self._registry.capabilities
-        config = {c.name: c for c in self.config}
+        config = {c.name: c for c in self._config()}
         rows = {c.capability: c for c in await caps.find(peer_id=self._peer_id)}
         await self._follow_fleet(rows, config, await caps.fleet(self._region))
         running: dict[str, LocalCapability] = dict(config)
@@ -98,7 +100,7 @@ class Deployer:
                 del rows[name]
         for name, deployment in wanted.items():
             mine = rows.get(name)
-            if mine is not None and (mine.source != SOURCE_FLEET or _same(mine, deployment)):
+            if mine is not None and (mine.source != SOURCE_FLEET or same_terms(mine, deployment)):
                 continue  # deployed to this peer by name (that row wins), or up to date
             rows[name] = await self._registry.capabilities.register(
                 CapabilitySpec(
@@ -155,11 +157,3 @@ class Deployer:
             raise FailedPrecondition(f"this peer has no {cap.kind} executor")
         if cap.kind == "wasm":
             await self._check_module(cap.module)
-
-
-def _same(row: Capability, deployment: FleetDeployment) -> bool:
-    return (
-        _key(row.executor) == _key(deployment.executor)
-        and row.max_concurrency == deployment.max_concurrency
-        and dict(row.resources) == dict(deployment.resources)
-    )

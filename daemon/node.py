@@ -29,6 +29,7 @@ from daemon.config import Settings
 from daemon.deployer import Deployer
 from daemon.exceptions import AnvilError, ConfigError, FailedPrecondition
 from daemon.executors.result import JobExecutor
+from daemon.jobs.attempt import AttemptOptions
 from daemon.jobs.dispatch import PeerLinks
 from daemon.jobs.events import JobEventHub
 from daemon.jobs.peer_view import PeerView
@@ -52,7 +53,7 @@ from daemon.storage.anvil_client import AnvilClient
 from daemon.storage.cache import DiskCache
 from daemon.storage.fabric import FORWARDED_HEADER, Fabric, Owner
 from daemon.storage.fabric_service import FabricObjectService
-from daemon.storage.fetcher import Fetcher, pin
+from daemon.storage.fetcher import Fetcher
 from daemon.storage.local_store import LocalStore
 from daemon.storage.rebalance import Rebalancer
 
@@ -217,10 +218,10 @@ class Node:
         assert parts.links is not None
         # Modules named by object refs are resolved over the fabric's current members.
         await parts.view.refresh()
-        self.capabilities = await pin_capabilities(
-            s.capabilities, functools.partial(pin, parts.fetcher)
-        )
+        self.capabilities = await pin_capabilities(s.capabilities, parts.fetcher.pin)
         executors = await self._executor_factory(s, parts.fetcher)
+        # The operator's ceiling on any job's timeout: the runner and placement share it.
+        max_timeout_ms = round(s.max_job_timeout_s * 1000)
         for executor in executors.values():
             stack.push_async_callback(executor.close)
         self._executor_kinds = frozenset(executors)
@@ -235,9 +236,11 @@ class Node:
             options=RunnerOptions(
                 lease=timedelta(seconds=s.lease_s),
                 poll_interval_s=s.poll_interval_s,
-                max_inline_output=s.max_inline_output,
-                default_timeout_ms=s.default_timeout_ms,
-                max_timeout_ms=round(s.max_job_timeout_s * 1000),
+                attempt=AttemptOptions(
+                    max_inline_output=s.max_inline_output,
+                    default_timeout_ms=s.default_timeout_ms,
+                    max_timeout_ms=max_timeout_ms,
+                ),
                 executor_slots={
                     kind: ex.capacity for kind, ex in executors.items() if ex.capacity is not None
                 },
@@ -256,9 +259,7 @@ class Node:
         parts.placer = Placer(
             view=parts.view,
             dispatch=dispatch,
-            policy=PlacementPolicy(
-                balance=s.balance, max_timeout_ms=round(s.max_job_timeout_s * 1000)
-            ),
+            policy=PlacementPolicy(balance=s.balance, max_timeout_ms=max_timeout_ms),
         )
 
     async def _start_server(self) -> None:
@@ -283,7 +284,7 @@ class Node:
                 view=parts.view,
                 hub=parts.hub,
                 placer=parts.placer,
-                resolve_module=functools.partial(pin, parts.fetcher),
+                resolve_module=parts.fetcher.pin,
                 check_module=functools.partial(check_fetched, parts.fetcher),
                 region=s.region,
                 queue_timeout_ms=round(s.queue_timeout_s * 1000),
@@ -309,7 +310,7 @@ class Node:
         assert parts.listener is not None and self.runner is not None and self.server is not None
         registry, store, view, fabric = parts.registry, parts.store, parts.view, parts.fabric
         self.registration = registration = Registration(
-            registry=registry, peer_id=self.peer_id, region=s.region, capabilities=self.capabilities
+            registry=registry, peer_id=self.peer_id, region=s.region, config=self._config
         )
         await registration.announce(self.address, prune=True)
         assert parts.fetcher is not None
@@ -318,7 +319,7 @@ class Node:
             registry=registry,
             peer_id=self.peer_id,
             region=s.region,
-            config=self.capabilities,
+            config=self._config,
             kinds=self._executor_kinds,
             check_module=functools.partial(check_fetched, parts.fetcher),
             apply=runner.set_capabilities,
@@ -370,6 +371,10 @@ class Node:
             )
         await self.server.set_serving(True)
 
+    def _config(self) -> tuple[LocalCapability, ...]:
+        """The capabilities this peer's config gives, modules pinned (reload changes them)."""
+        return self.capabilities
+
     async def _membership_news(self, listener: Listener) -> None:
         """Capabilities deployed, undeployed or re-checked: follow them at once."""
         async with listener.subscribe(MEMBERSHIP) as queue:
@@ -384,7 +389,7 @@ class Node:
         parts = self._parts
         if self.registration is None or self.deployer is None or parts.fetcher is None:
             raise FailedPrecondition("the peer has not started")
-        pinned = await pin_capabilities(capabilities, functools.partial(pin, parts.fetcher))
+        pinned = await pin_capabilities(capabilities, parts.fetcher.pin)
         kinds = {c.kind for c in pinned} - self._executor_kinds
         if kinds:
             raise FailedPrecondition(
@@ -392,8 +397,6 @@ class Node:
                 "start with: restart it"
             )
         self.capabilities = pinned
-        self.registration.capabilities = pinned
-        self.deployer.config = pinned
         await self.registration.announce(self.address, prune=True)
         await self.deployer.sync()
         log.info("reloaded capabilities: %s", ", ".join(c.name for c in pinned) or "none")

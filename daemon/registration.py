@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 
 from daemon import __version__
 from daemon.capability_config import LocalCapability
 from daemon.exceptions import NotFound
 from daemon.registry import Registry
-from daemon.registry.models import Capability, CapabilitySpec
+from daemon.registry.models import CapabilitySpec, same_terms
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +28,13 @@ class Registration:
         registry: Registry,
         peer_id: uuid.UUID,
         region: str,
-        capabilities: tuple[LocalCapability, ...],
+        config: Callable[[], tuple[LocalCapability, ...]],
     ) -> None:
+        """`config()`: the capabilities this peer's config gives now (a reload changes them)."""
         self._registry = registry
         self._peer_id = peer_id
         self._region = region
-        self.capabilities = capabilities
+        self._config = config
         self.address = ""
 
     async def announce(self, address: str, *, prune: bool = False) -> None:
@@ -46,7 +48,7 @@ class Registration:
             peer_id=self._peer_id, address=address, region=self._region, version=__version__
         )
         if prune:
-            keep = [c.name for c in self.capabilities]
+            keep = [c.name for c in self._config()]
             stale = await self._registry.capabilities.prune(self._peer_id, keep)
             if stale:
                 log.warning("no longer offering %s: removed from the registry", ", ".join(stale))
@@ -70,7 +72,7 @@ class Registration:
         }
         for spec in self.rows():
             row = found.get(spec.capability)
-            if row is None or _differs(row, spec):
+            if row is None or row.region != spec.region or not same_terms(row, spec):
                 log.warning(
                     "registry row of %s on this peer was changed or removed: restoring it",
                     spec.capability,
@@ -93,14 +95,5 @@ class Registration:
                 max_concurrency=cap.max_concurrency,
                 executor=cap.executor_message(),
             )
-            for cap in self.capabilities
+            for cap in self._config()
         ]
-
-
-def _differs(row: Capability, spec: CapabilitySpec) -> bool:
-    return (
-        row.region != spec.region
-        or dict(row.resources) != dict(spec.resources)
-        or row.max_concurrency != spec.max_concurrency
-        or dict(row.executor) != dict(spec.executor)
-    )

@@ -20,9 +20,11 @@ from daemon.capability_config import LocalCapability
 from daemon.exceptions import AnvilError, Unavailable
 from daemon.executors.result import ExecutionRequest, ExecutionResult, JobExecutor, ending
 from daemon.jobs.state import JobState
+from daemon.modules import is_object_ref
 from daemon.registry.models import AttemptResult, Job
 from daemon.storage.fabric import Fabric, count_remote_bytes
 from daemon.storage.fetcher import Fetcher
+from daemon.storage.refs import parse_ref
 
 # Beyond the job's timeout: compiling a module (bounded at 60 s by the WASM
 # executor) or starting a container, plus scheduling slack.
@@ -85,7 +87,7 @@ class AttemptRunner:
         Raises Unavailable (storage or a peer unreachable: hand the job back).
         """
         input_dir = space.root / "in"
-        if job.inputs or _fetched_module(cap):
+        if job.inputs or is_object_ref(cap.module):
             await asyncio.to_thread(os.makedirs, input_dir)
         try:
             inputs = []
@@ -153,10 +155,10 @@ class AttemptRunner:
             )
 
     async def _module(self, cap: LocalCapability, workdir: Path) -> Path:
-        if _fetched_module(cap):
-            ref = cap.module
-            if cap.module_sha256 and "sha256=" not in ref and not ref.startswith("sha256:"):
-                ref += ("&" if "?" in ref else "?") + f"sha256={cap.module_sha256}"
+        if is_object_ref(cap.module):
+            ref = parse_ref(cap.module)
+            if ref.sha256 is None and cap.module_sha256:
+                ref = ref.with_sha256(cap.module_sha256)
             dest = workdir / "module.wasm"
             await self._fetcher.fetch_to(ref, dest)
             return dest
@@ -198,11 +200,6 @@ class AttemptRunner:
             exit_code=result.exit_code,
             bytes_fetched_remote=bytes_fetched_remote,
         )
-
-
-def _fetched_module(cap: LocalCapability) -> bool:
-    """A module named by an object ref is fetched into the attempt's folder."""
-    return "://" in cap.module or cap.module.startswith("sha256:")
 
 
 def _write_new(path: Path, data: bytes) -> None:

@@ -44,16 +44,13 @@ log = logging.getLogger(__name__)
 class RunnerOptions:
     lease: timedelta
     poll_interval_s: float
-    max_inline_output: int
     work_root: Path
+    # How each attempt runs: inline output, default and ceiling of its timeout.
+    attempt: AttemptOptions
     # Jobs this peer runs at once, over all capabilities. Claiming more than the
     # executors can run only adds leases to renew and tasks to schedule; the
     # rest stay queued here (their placement does not change).
     max_running: int = 32
-    # Used when neither the job nor the capability sets a timeout.
-    default_timeout_ms: int = 60_000
-    # No attempt runs longer (max_job_timeout_s); a capability's timeout may lower it.
-    max_timeout_ms: int = 3_600_000
     # Guests each executor kind runs at once (the WASM pool's workers); a job
     # is claimed only with one of these free. A kind missing here is unbounded.
     executor_slots: Mapping[str, int] = dataclasses.field(default_factory=dict)
@@ -116,11 +113,7 @@ class Runner:
             executors=executors,
             fetcher=fetcher,
             fabric=fabric,
-            options=AttemptOptions(
-                max_inline_output=options.max_inline_output,
-                default_timeout_ms=options.default_timeout_ms,
-                max_timeout_ms=options.max_timeout_ms,
-            ),
+            options=options.attempt,
         )
         self._hub = hub
         self._options = options

@@ -52,18 +52,13 @@ class CapabilityStore:
     ) -> bool:
         """Record the peer's verdict on its row, if the row still has `executor`
         and another status; True when it changed."""
-        with translate_errors():
-            async with self._pool.connection() as conn:
-                cur = await conn.execute(
-                    queries.get("set_capability_status"),
-                    {
-                        "peer_id": peer_id,
-                        "capability": capability,
-                        "executor": Jsonb(dict(executor)),
-                        "status": status,
-                    },
-                )
-                return await cur.fetchone() is not None
+        params = {
+            "peer_id": peer_id,
+            "capability": capability,
+            "executor": Jsonb(dict(executor)),
+            "status": status,
+        }
+        return await self._pool.fetch_one("set_capability_status", params) is not None
 
     async def deploy_fleet(self, deployment: FleetDeployment) -> FleetDeployment:
         """Upsert a deployment to every peer of its region."""
@@ -74,10 +69,7 @@ class CapabilityStore:
             "max_concurrency": deployment.max_concurrency,
             "executor": Jsonb(dict(deployment.executor)),
         }
-        with translate_errors():
-            async with self._pool.connection() as conn:
-                cur = await conn.execute(queries.get("upsert_fleet_deployment"), params)
-                row = await cur.fetchone()
+        row = await self._pool.fetch_one("upsert_fleet_deployment", params)
         assert row is not None
         return FleetDeployment.from_row(row)
 
@@ -96,25 +88,17 @@ class CapabilityStore:
     async def drop_fleet_row(self, peer_id: uuid.UUID, region: str, capability: str) -> None:
         """Remove one peer's row of a fleet deployment (gone, or not for this peer)."""
         params = {"region": region, "capability": capability, "peer_id": peer_id}
-        with translate_errors():
-            async with self._pool.connection() as conn:
-                await conn.execute(queries.get("delete_fleet_rows"), params)
+        await self._pool.run("delete_fleet_rows", params)
 
     async def fleet(self, region: str | None = None) -> list[FleetDeployment]:
-        with translate_errors():
-            async with self._pool.connection() as conn:
-                cur = await conn.execute(queries.get("list_fleet_deployments"), {"region": region})
-                rows = await cur.fetchall()
+        rows = await self._pool.fetch_all("list_fleet_deployments", {"region": region})
         return [FleetDeployment.from_row(row) for row in rows]
 
     async def loads(
         self, peer_ids: list[uuid.UUID]
     ) -> dict[tuple[uuid.UUID, str], tuple[int, int]]:
         """(queued, running) jobs per (peer, capability) of these peers."""
-        with translate_errors():
-            async with self._pool.connection() as conn:
-                cur = await conn.execute(queries.get("capability_loads"), {"peer_ids": peer_ids})
-                rows = await cur.fetchall()
+        rows = await self._pool.fetch_all("capability_loads", {"peer_ids": peer_ids})
         return {(r["peer_id"], r["capability"]): (r["queued"], r["running"]) for r in rows}
 
     async def deregister(self, peer_id: uuid.UUID, capability: str) -> None:
@@ -133,18 +117,13 @@ class CapabilityStore:
 
     async def prune(self, peer_id: uuid.UUID, keep: list[str]) -> list[str]:
         """Remove this peer's rows for capabilities not in `keep`; return those removed."""
-        with translate_errors():
-            async with self._pool.connection() as conn:
-                cur = await conn.execute(
-                    queries.get("prune_peer_capabilities"), {"peer_id": peer_id, "keep": keep}
-                )
-                rows = await cur.fetchall()
+        rows = await self._pool.fetch_all(
+            "prune_peer_capabilities", {"peer_id": peer_id, "keep": keep}
+        )
         return [row["capability"] for row in rows]
 
     async def deregister_peer(self, peer_id: uuid.UUID) -> None:
-        with translate_errors():
-            async with self._pool.connection() as conn:
-                await conn.execute(queries.get("delete_peer_capabilities"), {"peer_id": peer_id})
+        await self._pool.run("delete_peer_capabilities", {"peer_id": peer_id})
 
     async def find(
         self,
@@ -169,10 +148,7 @@ class CapabilityStore:
             "after_peer_id": after[1] if after else None,
             "limit": limit,
         }
-        with translate_errors():
-            async with self._pool.connection() as conn:
-                cur = await conn.execute(queries.get("list_capabilities"), params)
-                rows = await cur.fetchall()
+        rows = await self._pool.fetch_all("list_capabilities", params)
         found = [Capability.from_row(row) for row in rows]
         if resources:
             found = [c for c in found if satisfies(c.resources, resources)]

@@ -18,6 +18,7 @@ from daemon.exceptions import (
     NotFound,
     RegistryUnavailable,
 )
+from daemon.registry import queries
 
 Connection = psycopg.AsyncConnection[dict[str, Any]]
 
@@ -56,6 +57,26 @@ class Pool(psycopg_pool.AsyncConnectionPool[Connection]):
     def mark_reachable(self) -> None:
         if self._unreachable is not None and self._unreachable.done():
             self._unreachable = None
+
+    async def fetch_one(self, query: str, params: dict[str, Any]) -> dict[str, Any] | None:
+        """Run the named query (daemon/registry/sql) on its own; its first row, if any."""
+        with translate_errors():
+            async with self.connection() as conn:
+                cur = await conn.execute(queries.get(query), params)
+                return await cur.fetchone()
+
+    async def fetch_all(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """Run the named query on its own; all its rows."""
+        with translate_errors():
+            async with self.connection() as conn:
+                cur = await conn.execute(queries.get(query), params)
+                return await cur.fetchall()
+
+    async def run(self, query: str, params: dict[str, Any]) -> None:
+        """Run the named query on its own, for its effect."""
+        with translate_errors():
+            async with self.connection() as conn:
+                await conn.execute(queries.get(query), params)
 
     async def getconn(self, timeout: float | None = None) -> Connection:
         down = self._unreachable

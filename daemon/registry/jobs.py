@@ -84,18 +84,6 @@ class JobStore:
             self._finish_many, max_batch=MAX_BATCH
         )
 
-    async def _one(self, name: str, params: dict[str, Any]) -> dict[str, Any] | None:
-        with translate_errors():
-            async with self._pool.connection() as conn:
-                cur = await conn.execute(queries.get(name), params)
-                return await cur.fetchone()
-
-    async def _all(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-        with translate_errors():
-            async with self._pool.connection() as conn:
-                cur = await conn.execute(queries.get(name), params)
-                return await cur.fetchall()
-
     async def submit(
         self,
         spec: JobSpec,
@@ -135,7 +123,7 @@ class JobStore:
         # Two rounds at most: the conflicting row can only vanish if it is
         # deleted between our insert and our read, and then the insert wins.
         for _ in range(2):
-            row = await self._one("insert_job", params)
+            row = await self._pool.fetch_one("insert_job", params)
             if row is not None:
                 return SubmitResult(job=Job.from_row(row), existing=False)
             earlier = await self.find_idempotent(spec)
@@ -150,7 +138,7 @@ class JobStore:
         """
         if spec.idempotency_key is None:
             return None
-        row = await self._one(
+        row = await self._pool.fetch_one(
             "get_job_by_idempotency_key",
             {"idempotency_key": spec.idempotency_key, "submitted_by": spec.submitted_by},
         )
@@ -164,7 +152,7 @@ class JobStore:
         return SubmitResult(job=Job.from_row(row), existing=True)
 
     async def get(self, job_id: uuid.UUID) -> Job:
-        row = await self._one("get_job", {"job_id": job_id})
+        row = await self._pool.fetch_one("get_job", {"job_id": job_id})
         if row is None:
             raise JobNotFound(f"job {job_id} not found")
         return Job.from_row(row)
@@ -173,12 +161,12 @@ class JobStore:
         self, job_ids: Sequence[uuid.UUID]
     ) -> dict[uuid.UUID, tuple[JobState, tuple[str, ...]]]:
         """(state, output refs) of each of these jobs that still exists."""
-        rows = await self._all("job_outputs", {"job_ids": list(job_ids)})
+        rows = await self._pool.fetch_all("job_outputs", {"job_ids": list(job_ids)})
         return {row["job_id"]: (JobState(row["state"]), tuple(row["output_refs"])) for row in rows}
 
     async def owner(self, job_id: uuid.UUID) -> str | None:
         """The tenant that submitted the job (its `submitted_by`); None if there is none."""
-        row = await self._one("get_job_owner", {"job_id": job_id})
+        row = await self._pool.fetch_one("get_job_owner", {"job_id": job_id})
         return None if row is None else str(row["submitted_by"])
 
     async def assign(
@@ -189,7 +177,7 @@ class JobStore:
         Raises JobAlreadyFinished, or FailedPrecondition when the job is no
         longer queued there (claimed, re-placed by someone else).
         """
-        row = await self._one(
+        row = await self._pool.fetch_one(
             "assign_job", {"job_id": job_id, "peer_id": peer_id, "from_peer_id": from_peer_id}
         )
         if row is None:
@@ -200,7 +188,9 @@ class JobStore:
     async def claim(self, job_id: uuid.UUID, peer_id: uuid.UUID, *, lease: timedelta) -> Job | None:
         """QUEUED -> RUNNING for the named job if it is queued on this peer; else None."""
         _check_lease(lease)
-        row = await self._one("claim_job", {"job_id": job_id, "peer_id": peer_id, "lease": lease})
+        row = await self._pool.fetch_one(
+            "claim_job", {"job_id": job_id, "peer_id": peer_id, "lease": lease}
+        )
         return Job.from_row(row) if row is not None else None
 
     async def claim_next(
@@ -215,7 +205,7 @@ class JobStore:
         _check_lease(lease)
         if limit < 1:
             raise InvalidArgument(f"limit must be positive, got {limit}")
-        rows = await self._all(
+        rows = await self._pool.fetch_all(
             "claim_next",
             {"peer_id": peer_id, "lease": lease, "limit": limit, "capabilities": capabilities},
         )
@@ -230,7 +220,7 @@ class JobStore:
         _check_lease(lease)
         if not owned:
             return set()
-        rows = await self._all(
+        rows = await self._pool.fetch_all(
             "renew_leases",
             {
                 "peer_id": peer_id,
@@ -267,12 +257,12 @@ class JobStore:
 
     async def _insert_many(self, batch: list[dict[str, Any]]) -> Sequence[Job | Failed]:
         if len(batch) == 1:
-            row = await self._one("insert_job", batch[0])
+            row = await self._pool.fetch_one("insert_job", batch[0])
             if row is None:  # only an idempotency key conflicts, and these have none
                 raise FailedPrecondition(f"job {batch[0]['job_id']} was not inserted")
             return [Job.from_row(row)]
         try:
-            rows = await self._all(
+            rows = await self._pool.fetch_all(
                 "insert_jobs",
                 {
                     "job_ids": [p["job_id"] for p in batch],
@@ -300,7 +290,9 @@ class JobStore:
     async def _finish_many(self, batch: list[_Finish]) -> Sequence[dict[str, Any] | Failed | None]:
         if len(batch) == 1:
             (f,) = batch
-            return [await self._one("finish_job", {**_finish_params(f), "job_id": f.job_id})]
+            return [
+                await self._pool.fetch_one("finish_job", {**_finish_params(f), "job_id": f.job_id})
+            ]
         firsts = list({f.job_id: f for f in reversed(batch)}.values())
         if len(firsts) < len(batch):
             # Two results for one job race: in one statement both would match the
@@ -308,7 +300,7 @@ class JobStore:
             return await _each(batch, self._finish_many)
         columns = [_finish_params(f) for f in batch]
         try:
-            rows = await self._all(
+            rows = await self._pool.fetch_all(
                 "finish_jobs",
                 {
                     "job_ids": [f.job_id for f in batch],
@@ -355,7 +347,7 @@ class JobStore:
         `spare`: the attempt does not count against max_attempts (a draining
         peer's hand-back; the job did nothing wrong).
         """
-        row = await self._one(
+        row = await self._pool.fetch_one(
             "release_job",
             {
                 "job_id": job_id,
@@ -373,7 +365,7 @@ class JobStore:
 
     async def find_expired(self, *, limit: int = 100) -> list[ExpiredLease]:
         """Running jobs whose lease is in the past (a snapshot: rescue re-checks it)."""
-        rows = await self._all("find_expired_leases", {"limit": limit})
+        rows = await self._pool.fetch_all("find_expired_leases", {"limit": limit})
         return [ExpiredLease(**row) for row in rows]
 
     async def rescue(
@@ -391,7 +383,7 @@ class JobStore:
         the job moved on since the snapshot (finished, renewed, already rescued).
         The next attempt cannot be claimed before `backoff` has passed.
         """
-        row = await self._one(
+        row = await self._pool.fetch_one(
             "rescue_job",
             {
                 "job_id": job_id,
@@ -405,7 +397,7 @@ class JobStore:
 
     async def cancel(self, job_id: uuid.UUID, *, reason: str = "cancelled") -> Job:
         """QUEUED or RUNNING -> CANCELLED; raise JobAlreadyFinished if terminal, JobNotFound."""
-        row = await self._one("cancel_job", {"job_id": job_id, "reason": reason})
+        row = await self._pool.fetch_one("cancel_job", {"job_id": job_id, "reason": reason})
         if row is None:
             job = await self.get(job_id)
             raise JobAlreadyFinished(f"job {job_id} already ended: {job.state}")
@@ -413,14 +405,14 @@ class JobStore:
 
     async def unplace_from_unavailable_peers(self, *, peer_ttl: timedelta) -> int:
         """Queued jobs on down, draining or silent peers become unplaced; return how many."""
-        return len(await self._all("unplace_from_unavailable_peers", {"ttl": peer_ttl}))
+        return len(await self._pool.fetch_all("unplace_from_unavailable_peers", {"ttl": peer_ttl}))
 
     async def unplace_peer_queue(self, peer_id: uuid.UUID) -> int:
         """This peer's queued jobs become unplaced (drain); return how many."""
-        return len(await self._all("unplace_peer_queue", {"peer_id": peer_id}))
+        return len(await self._pool.fetch_all("unplace_peer_queue", {"peer_id": peer_id}))
 
     async def list_unplaced(self, *, limit: int = 100) -> list[Job]:
-        rows = await self._all("list_queued_unplaced", {"limit": limit})
+        rows = await self._pool.fetch_all("list_queued_unplaced", {"limit": limit})
         return [Job.from_row(row) for row in rows]
 
     async def note_waiting(self, job_id: uuid.UUID, reason: str) -> bool:
@@ -430,29 +422,30 @@ class JobStore:
         Not a change of state: nothing is recorded in its events or announced.
         """
         return (
-            await self._one("note_waiting_reason", {"job_id": job_id, "reason": reason}) is not None
+            await self._pool.fetch_one("note_waiting_reason", {"job_id": job_id, "reason": reason})
+            is not None
         )
 
     async def find_overdue(self, *, limit: int = 100) -> list[Job]:
         """Queued jobs past their queue timeout (database clock), the longest overdue first."""
-        rows = await self._all("find_overdue_queued", {"limit": limit})
+        rows = await self._pool.fetch_all("find_overdue_queued", {"limit": limit})
         return [Job.from_row(row) for row in rows]
 
     async def fail_overdue(self, job_id: uuid.UUID, *, attempt: int, error: str) -> Job | None:
         """QUEUED -> FAILED with `error` if the job is still queued, at `attempt`, and
         past its queue timeout; else None (claimed or cancelled since)."""
-        row = await self._one(
+        row = await self._pool.fetch_one(
             "fail_overdue_job", {"job_id": job_id, "attempt": attempt, "error": error}
         )
         return Job.from_row(row) if row is not None else None
 
     async def active_load(self) -> dict[uuid.UUID, int]:
         """Queued + running jobs per peer (peers with none are absent)."""
-        rows = await self._all("active_load", {})
+        rows = await self._pool.fetch_all("active_load", {})
         return {row["peer_id"]: row["active"] for row in rows}
 
     async def events(self, job_id: uuid.UUID) -> list[JobEvent]:
-        rows = await self._all("job_events", {"job_id": job_id})
+        rows = await self._pool.fetch_all("job_events", {"job_id": job_id})
         return [JobEvent.from_row(row) for row in rows]
 
     @staticmethod

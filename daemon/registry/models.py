@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from daemon import resources as resources_mod
 from daemon.exceptions import InvalidArgument
@@ -208,6 +208,27 @@ class Capability:
     @property
     def ready(self) -> bool:
         return self.status == STATUS_READY
+
+
+class Terms(Protocol):
+    """What a registration says about how a capability runs (a row, a spec, a deployment)."""
+
+    @property
+    def executor(self) -> Mapping[str, Any]: ...
+    @property
+    def max_concurrency(self) -> int: ...
+    @property
+    def resources(self) -> Mapping[str, str]: ...
+
+
+def same_terms(a: Terms, b: Terms) -> bool:
+    """Whether two registrations run a capability alike: the same executor,
+    concurrency and resources."""
+    return (
+        dict(a.executor) == dict(b.executor)
+        and a.max_concurrency == b.max_concurrency
+        and dict(a.resources) == dict(b.resources)
+    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

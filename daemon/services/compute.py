@@ -31,9 +31,7 @@ from daemon.registry.models import (
     DEFAULT_MAX_ATTEMPTS,
     SOURCE_CONFIG,
     SOURCE_DEPLOYED,
-    SOURCE_FLEET,
     STATUS_PENDING,
-    Capability,
     CapabilitySpec,
     FleetDeployment,
     Job,
@@ -104,28 +102,17 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
             await self._refuse_config_row(peer_id, spec.capability, "deploy over")
         pinned = await self._deployable(executor)
         if peer_id is None:
-            await self._registry.capabilities.deploy_fleet(
-                FleetDeployment(
-                    region=spec.region,
-                    capability=spec.capability,
-                    resources=spec.resources,
-                    max_concurrency=spec.max_concurrency,
-                    executor=pinned,
-                )
-            )
-            cap = Capability(
-                peer_id=uuid.UUID(int=0),
+            deployment = FleetDeployment(
                 region=spec.region,
                 capability=spec.capability,
                 resources=spec.resources,
                 max_concurrency=spec.max_concurrency,
                 executor=pinned,
-                source=SOURCE_FLEET,
-                status=STATUS_PENDING,
             )
-            message = convert.capability_message(cap)
-            message.peer_id = ""
-            return compute_pb2.RegisterCapabilityResponse(capability=message)
+            await self._registry.capabilities.deploy_fleet(deployment)
+            return compute_pb2.RegisterCapabilityResponse(
+                capability=convert.fleet_message(deployment)
+            )
         cap = await self._registry.capabilities.register(replace(spec, executor=pinned))
         self._view.request_refresh()
         return compute_pb2.RegisterCapabilityResponse(capability=convert.capability_message(cap))
@@ -195,11 +182,7 @@ class ComputeService(compute_pb2_grpc.ComputeServiceServicer):
         loads = await self._registry.capabilities.loads(sorted({c.peer_id for c in found}))
         return compute_pb2.ListCapabilitiesResponse(
             capabilities=[
-                convert.capability_message(
-                    c,
-                    queued=loads.get((c.peer_id, c.capability), (0, 0))[0],
-                    running=loads.get((c.peer_id, c.capability), (0, 0))[1],
-                )
+                convert.capability_message(c, load=loads.get((c.peer_id, c.capability), (0, 0)))
                 for c in found
             ],
             next_page_token=_page_token(found[-1].capability, found[-1].peer_id) if more else "",

@@ -80,6 +80,20 @@ class Fetcher:
             await _link_or_copy(obj.path, dest)
             return CachedObject(path=dest, sha256=obj.sha256, size=obj.size)
 
+    async def pin(self, ref: ObjectRef | str) -> ObjectRef:
+        """`ref` with the version and sha256 its object has now, so later reads get these
+        bytes or fail. A ref that carries a digest already is returned as it is.
+
+        Raises ObjectNotFound, Unavailable, FailedPrecondition (no backend), InvalidArgument.
+        """
+        ref = parse_ref(ref) if isinstance(ref, str) else ref
+        if ref.sha256 is not None:
+            return ref
+        info = await self._source(ref).head(ref)
+        if not info.sha256:
+            raise FailedPrecondition(f"{ref} has no sha256 to pin it by")
+        return replace(ref, version=ref.version or info.version_id or None).with_sha256(info.sha256)
+
     def _source(self, ref: ObjectRef) -> ObjectSource:
         if ref.scheme is Scheme.SHA256:
             return self._local or _CacheOnly()
@@ -120,18 +134,3 @@ def _link_or_copy_sync(src: Path, dest: Path) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-
-
-async def pin(fetcher: Fetcher, ref: ObjectRef | str) -> ObjectRef:
-    """`ref` with the version and sha256 its object has now, so later reads get these
-    bytes or fail. A ref that carries a digest already is returned as it is.
-
-    Raises ObjectNotFound, Unavailable, FailedPrecondition (no backend), InvalidArgument.
-    """
-    ref = parse_ref(ref) if isinstance(ref, str) else ref
-    if ref.sha256 is not None:
-        return ref
-    info = await fetcher._source(ref).head(ref)
-    if not info.sha256:
-        raise FailedPrecondition(f"{ref} has no sha256 to pin it by")
-    return replace(ref, version=ref.version or info.version_id or None).with_sha256(info.sha256)

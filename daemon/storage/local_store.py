@@ -105,8 +105,7 @@ class LocalStore:
     def used_bytes(self) -> int:
         """Bytes held: the sizes of every stored version, by every process."""
         with self._connect() as db:
-            row = db.execute("SELECT bytes FROM usage WHERE id = 1").fetchone()
-        return int(row[0])
+            return _usage(db)
 
     @property
     def reserved_bytes(self) -> int:
@@ -239,9 +238,8 @@ class LocalStore:
         validate_bucket(bucket)
         validate_key(key)
         trash: list[tuple[Path, Path]] = []
-        with self._connect(autocommit=True) as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
+        try:
+            with self._write_transaction() as db:
                 rows = db.execute(
                     "SELECT sha256, size FROM objects WHERE bucket = ? AND key = ?", (bucket, key)
                 ).fetchall()
@@ -257,16 +255,14 @@ class LocalStore:
                         aside = self._tmp / f"deleted-{digest}-{uuid.uuid4().hex}"
                         blob.rename(aside)
                         trash.append((aside, blob))
-                (used,) = db.execute("SELECT bytes FROM usage WHERE id = 1").fetchone()
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                for aside, blob in trash:
-                    aside.rename(blob)
-                raise
+                used = _usage(db)
+        except BaseException:
+            for aside, blob in trash:
+                aside.rename(blob)
+            raise
         for aside, _ in trash:
             aside.unlink(missing_ok=True)
-        self._settle(0, used=int(used))
+        self._settle(0, used=used)
         return freed
 
     def blob_path(self, sha256: str) -> Path:
@@ -305,40 +301,46 @@ class LocalStore:
         """
         held: int | None = None
         try:
-            with self._connect(autocommit=True) as db:
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    (used,) = db.execute("SELECT bytes FROM usage WHERE id = 1").fetchone()
-                    if self.max_bytes and used + info.size > self.max_bytes:
-                        raise self._full(f"upload of {info.bucket}/{info.key}", used, info.size)
-                    dest = self.blob_path(info.sha256 or "")
-                    dest.parent.mkdir(exist_ok=True)
-                    # Relinking an existing digest replaces a blob that may have
-                    # rotted with bytes just verified; readers of the old inode
-                    # are unaffected.
-                    out.commit(dest, overwrite=True)
-                    db.execute(
-                        "INSERT INTO objects"
-                        " (bucket, key, version_id, sha256, size, content_type, created_at)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            info.bucket,
-                            info.key,
-                            info.version_id,
-                            info.sha256,
-                            info.size,
-                            info.content_type,
-                            time.time(),
-                        ),
-                    )
-                    db.execute("UPDATE usage SET bytes = bytes + ? WHERE id = 1", (info.size,))
-                    db.execute("COMMIT")
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
+            with self._write_transaction() as db:
+                used = _usage(db)
+                if self.max_bytes and used + info.size > self.max_bytes:
+                    raise self._full(f"upload of {info.bucket}/{info.key}", used, info.size)
+                dest = self.blob_path(info.sha256 or "")
+                dest.parent.mkdir(exist_ok=True)
+                # Relinking an existing digest replaces a blob that may have rotted
+                # with bytes just verified; readers of the old inode are unaffected.
+                out.commit(dest, overwrite=True)
+                db.execute(
+                    "INSERT INTO objects"
+                    " (bucket, key, version_id, sha256, size, content_type, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        info.bucket,
+                        info.key,
+                        info.version_id,
+                        info.sha256,
+                        info.size,
+                        info.content_type,
+                        time.time(),
+                    ),
+                )
+                db.execute("UPDATE usage SET bytes = bytes + ? WHERE id = 1", (info.size,))
             held = used + info.size
         finally:
             self._settle(reserved, used=held)
+
+    @contextlib.contextmanager
+    def _write_transaction(self) -> Iterator[sqlite3.Connection]:
+        """A transaction holding the index's write lock from its start (BEGIN IMMEDIATE)
+        to COMMIT; rolled back when the block raises."""
+        with self._connect(autocommit=True) as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
 
     @contextlib.contextmanager
     def _connect(self, *, autocommit: bool = False) -> Iterator[sqlite3.Connection]:
@@ -551,3 +553,9 @@ def _info(row: tuple[str, str, str, str, int, str]) -> ObjectInfo:
         etag=sha256,
         content_type=content_type,
     )
+
+
+def _usage(db: sqlite3.Connection) -> int:
+    """The bytes the store holds, as the index counts them."""
+    (used,) = db.execute("SELECT bytes FROM usage WHERE id = 1").fetchone()
+    return int(used)

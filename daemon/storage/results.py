@@ -46,17 +46,17 @@ def unwanted(
     keys: Sequence[str], jobs: Mapping[uuid.UUID, tuple[JobState, tuple[str, ...]]]
 ) -> list[str]:
     """Which of these result keys no job keeps. Pure."""
+    kept = {job_id: kept_keys(*found) for job_id, found in jobs.items()}
     doomed = []
     for key in keys:
         job_id = result_job_id(key)
         if job_id is None:
             continue  # not written by a runner: not ours to judge
-        found = jobs.get(job_id)
-        if found is None:
-            doomed.append(key)
+        if job_id not in kept:
+            doomed.append(key)  # the job is gone
             continue
-        kept = kept_keys(*found)
-        if kept is not None and key not in kept:
+        keeps = kept[job_id]
+        if keeps is not None and key not in keeps:
             doomed.append(key)
     return doomed
 

@@ -8,10 +8,13 @@ import socket
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
+from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -211,3 +214,12 @@ def cli(peer: Peer, *args: str, timeout: float = 120) -> subprocess.CompletedPro
         check=False,
         env={k: v for k, v in os.environ.items() if k != "ANVIL_TOKEN"},
     )
+
+
+async def code_of(call: Awaitable[Any]) -> grpc.StatusCode | None:
+    """The status an RPC fails with; None when it succeeds."""
+    try:
+        await call
+    except aio.AioRpcError as exc:
+        return exc.code()
+    return None

@@ -8,9 +8,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any
 
 import grpc
 import psycopg
@@ -22,7 +20,7 @@ from daemon.convert import PROTO_TO_JOB_STATE
 from daemon.jobs.state import JobState
 from daemon.pb.anvil import compute_pb2
 from hrw import reference
-from tests.e2e.cluster import Peer, PeerFactory, cli
+from tests.e2e.cluster import Peer, PeerFactory, cli, code_of
 from tests.e2e.guests import examples_config, say, write_guest
 from tests.eventually import eventually
 
@@ -39,14 +37,6 @@ def state(status: compute_pb2.GetJobStatusResponse) -> JobState:
 
 def wasm(ref: str, sha256: str = "") -> compute_pb2.Executor:
     return compute_pb2.Executor(wasm=compute_pb2.WasmExecutor(module_ref=ref, module_sha256=sha256))
-
-
-async def code_of(call: Awaitable[Any]) -> grpc.StatusCode | None:
-    try:
-        await call
-    except aio.AioRpcError as exc:
-        return exc.code()
-    return None
 
 
 async def rows(client: ComputeClient, capability: str) -> dict[str, str]:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from daemon.jobs.state import JobState
 from daemon.pb.anvil import compute_pb2
 from daemon.storage.anvil_client import AnvilClient
 from daemon.storage.refs import parse_ref
-from tests.e2e.cluster import Peer, PeerFactory
+from tests.e2e.cluster import Peer, PeerFactory, code_of
 from tests.e2e.guests import examples_config, say, write_guest
 from tests.eventually import eventually
 
@@ -66,14 +66,6 @@ NUL_STDERR_WAT = """
 
 def state(status: compute_pb2.GetJobStatusResponse) -> JobState:
     return PROTO_TO_JOB_STATE[status.state]
-
-
-async def code_of(call: Awaitable[Any]) -> grpc.StatusCode | None:
-    try:
-        await call
-    except aio.AioRpcError as exc:
-        return exc.code()
-    return None
 
 
 def secret_of(peers: PeerFactory) -> bytes:

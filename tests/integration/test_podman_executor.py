@@ -50,7 +50,7 @@ from daemon.storage.fetcher import Fetcher
 from daemon.storage.local_store import LocalStore
 from tests.e2e.cluster import PeerFactory
 from tests.eventually import eventually
-from tests.integration.containers import OWNER, TEXT
+from tests.integration.containers import OWNER, TEXT, sh
 
 pytestmark = pytest.mark.podman
 
@@ -78,27 +78,6 @@ def out_dir(tmp_path: Path, name: str = "out") -> Path:
     path = tmp_path / name
     path.mkdir()
     return path
-
-
-async def sh(
-    ex: PodmanExecutor,
-    image: str,
-    script: str,
-    tmp_path: Path,
-    *,
-    inputs: tuple[Path, ...] = (),
-    limits: ContainerLimits | None = None,
-    params: dict[str, str] | None = None,
-) -> Any:
-    return await ex.run(
-        image,
-        command=["sh", "-c", script, "guest"],
-        output_dir=out_dir(tmp_path, f"out-{time.monotonic_ns()}"),
-        inputs=inputs,
-        params=params or {},
-        limits=limits,
-        job_id="test",
-    )
 
 
 # -- pure parts ----------------------------------------------------------------

@@ -37,7 +37,7 @@ from daemon.executors.podman.job import PodmanJobExecutor
 from daemon.executors.podman.service import PodmanService
 from daemon.executors.result import ExecutionRequest, ExecutionResult, RunEnd, ending
 from daemon.jobs.state import JobState
-from tests.integration.containers import OWNER, TEXT
+from tests.integration.containers import OWNER, TEXT, sh
 from tests.readable_copy import readable_copy
 
 pytestmark = pytest.mark.podman
@@ -118,25 +118,6 @@ def _build_probe_image(folder: Path) -> tuple[Path, str]:
     )
     (folder / "probe.oci.tar").write_bytes(archive)
     return folder / "probe.oci.tar", image_id
-
-
-async def sh(
-    ex: PodmanExecutor,
-    image: str,
-    script: str,
-    tmp_path: Path,
-    *,
-    inputs: tuple[Path, ...] = (),
-    limits: ContainerLimits | None = None,
-) -> ExecutionResult:
-    return await ex.run(
-        image,
-        command=["sh", "-c", script],
-        output_dir=tmp_path / f"out-{time.monotonic_ns()}",
-        inputs=inputs,
-        limits=limits,
-        job_id="sandbox",
-    )
 
 
 @dataclass(frozen=True)

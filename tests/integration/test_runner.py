@@ -94,8 +94,8 @@ async def started_runner(
                 options=runner_mod.RunnerOptions(
                     lease=timedelta(seconds=3),
                     poll_interval_s=0.1,
-                    max_inline_output=1024,
                     work_root=tmp_path / "work",
+                    attempt=attempt_mod.AttemptOptions(max_inline_output=1024),
                 ),
             )
             await runner.start()

@@ -288,15 +288,20 @@ def fill_output(total: int, chunk: int, *, then: str = "exit") -> bytes:
     )
 
 
-def many_files(count: int) -> bytes:
-    """Creates /output/f<5 letters> for 0 <= i < count (one byte each), closing each,
-    ignoring every error; then exits 0."""
-    letters = "".join(
-        f"""(i32.store8 (i32.const {65 + k})
+def _name_letters(at: int) -> str:
+    """WAT storing $i as five letters a-p (4 bits each, high first) at address `at`."""
+    return "".join(
+        f"""(i32.store8 (i32.const {at + k})
               (i32.add (i32.const 97)
                 (i32.and (i32.shr_u (local.get $i) (i32.const {4 * (4 - k)})) (i32.const 15))))"""
         for k in range(5)
     )
+
+
+def many_files(count: int) -> bytes:
+    """Creates /output/f<5 letters> for 0 <= i < count (one byte each), closing each,
+    ignoring every error; then exits 0."""
+    letters = _name_letters(65)
     return module(
         f"""
         (local $i i32)
@@ -335,12 +340,7 @@ def sparse_file(offset: int) -> bytes:
 
 def hard_links(count: int) -> bytes:
     """Creates /output/f0, then hard links l<5 letters> to it, ignoring every error."""
-    letters = "".join(
-        f"""(i32.store8 (i32.const {129 + k})
-              (i32.add (i32.const 97)
-                (i32.and (i32.shr_u (local.get $i) (i32.const {4 * (4 - k)})) (i32.const 15))))"""
-        for k in range(5)
-    )
+    letters = _name_letters(129)
     return module(
         f"""
         (local $i i32)

@@ -13,6 +13,7 @@ from daemon.exceptions import DigestMismatch, FailedPrecondition, ObjectNotFound
 from daemon.storage.cache import DiskCache
 from daemon.storage.fetcher import Fetcher
 from daemon.storage.local_store import LocalStore
+from tests.unit.test_storage_cache import flip_byte
 
 MiB = 1 << 20
 
@@ -94,16 +95,6 @@ async def test_fetch_to_places_a_read_only_copy(
     assert hashlib.sha256(dest.read_bytes()).hexdigest() == placed.sha256
     assert dest.stat().st_mode & 0o222 == 0
     assert os.listdir(dest.parent) == ["k.bin"]
-
-
-def flip_byte(path: Path, offset: int = 0) -> None:
-    path.chmod(0o644)
-    with path.open("r+b") as f:
-        f.seek(offset)
-        (byte,) = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte ^ 0x80]))
-    path.chmod(0o444)
 
 
 @pytest.mark.parametrize("pinned", [True, False], ids=["pinned", "plain"])
