@@ -89,7 +89,7 @@ class ComputeClient:
         self,
         capability: str,
         *,
-        region: str = "local",
+        region: str = "",  # the receiving peer's region
         inputs: Sequence[str] = (),
         params: Mapping[str, str] | None = None,
         idempotency_key: str = "",

@@ -59,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="where local --input files are uploaded (default: %(default)s); a token "
         "limited to some buckets names one of them",
     )
-    submit.add_argument("--region", default="local")
+    submit.add_argument("--region", default="", help="default: the receiving peer's region")
     submit.add_argument("--timeout", type=float, default=0, help="seconds (default: peer's)")
     submit.add_argument(
         "--queue-timeout",

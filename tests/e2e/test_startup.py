@@ -8,7 +8,7 @@ import pytest
 
 from daemon.convert import PROTO_TO_JOB_STATE
 from daemon.jobs.state import JobState
-from tests.e2e.cluster import PeerFactory
+from tests.e2e.cluster import PeerFactory, cli
 from tests.e2e.guests import examples_config
 
 pytestmark = pytest.mark.e2e
@@ -30,3 +30,6 @@ async def test_a_job_that_names_no_region_runs_in_the_receiving_peers(
     async with peer.client() as client:
         final = await client.wait((await client.submit("text:wordcount", region="")).job_id)
     assert (final.region, PROTO_TO_JOB_STATE[final.state]) == ("eu-2", JobState.SUCCEEDED)
+    # The CLI leaves the region to the peer too.
+    done = await asyncio.to_thread(cli, peer, "submit", "text:wordcount", "--wait")
+    assert done.returncode == 0, done.stderr
